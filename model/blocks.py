@@ -1,0 +1,240 @@
+"""The BCT block format: B integers along the reduction axis share one power-of-two exponent.
+
+A :class:`BlockTensor` of logical shape ``(..., K)`` holds ``mant`` (``int64``, shape ``(..., K)``,
+each in ``[-qmax, qmax]``) and ``exp`` (``int64``, shape ``(..., K // B)``); element ``i`` of block
+``j`` is ``mant[..., j*B + i] * 2**exp[..., j]``.
+
+Encoding picks, per block, the **smallest** exponent ``e`` in ``[e_min, e_max]`` for which the
+block's largest magnitude ``m`` rounds to at most ``qmax`` (``m * 2**-e < qmax + 1/2``), rounds
+every element with the project's rule (:mod:`bct.model.fixed`) and saturates. An all-zero block
+therefore gets ``e_min``. The same rule applies to floats (:func:`encode`) and to fixed-point
+integers (:func:`requantize`, integer-only); both give identical results on the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bct.config import BlockFormat, ConfigError
+from bct.model.fixed import bit_length, round_half_away, round_shift
+
+__all__ = ["BlockTensor", "encode", "requantize", "to_fixed", "shared_exponent"]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTensor:
+    """Integers and shared exponents of a tensor in block format.
+
+    Parameters
+    ----------
+    mant : numpy.ndarray of int64, shape (..., K)
+    exp : numpy.ndarray of int64, shape (..., K // fmt.block)
+    fmt : BlockFormat
+    """
+
+    mant: np.ndarray
+    exp: np.ndarray
+    fmt: BlockFormat
+
+    def __post_init__(self):
+        B = self.fmt.block
+        if self.mant.dtype != np.int64 or self.exp.dtype != np.int64:
+            raise TypeError("BlockTensor mant and exp must be int64 arrays")
+        if self.mant.ndim < 1 or self.mant.shape[-1] % B:
+            raise ConfigError(
+                f"last axis {self.mant.shape[-1:]} is not a multiple of block size {B}"
+            )
+        if self.exp.shape != self.mant.shape[:-1] + (self.mant.shape[-1] // B,):
+            raise ValueError(f"exp shape {self.exp.shape} does not match mant shape {self.mant.shape}")
+
+    @property
+    def shape(self) -> tuple:
+        """Logical shape (that of :attr:`mant`)."""
+        return self.mant.shape
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """``mant`` viewed as ``(..., K // B, B)``."""
+        return self.mant.reshape(self.exp.shape + (self.fmt.block,))
+
+    def block_exp(self) -> np.ndarray:
+        """Exponent of every element, shape (..., K)."""
+        return np.repeat(self.exp, self.fmt.block, axis=-1)
+
+    def decode(self) -> np.ndarray:
+        """Exact float64 values (``mant * 2**exp``; exact while ``|e| < 900``)."""
+        return np.ldexp(self.mant.astype(np.float64), self.block_exp())
+
+    def __getitem__(self, rows) -> "BlockTensor":
+        """Select along the leading (non-blocked) axes."""
+        return BlockTensor(self.mant[rows], self.exp[rows], self.fmt)
+
+    def __eq__(self, other) -> bool:
+        return (
+            isinstance(other, BlockTensor)
+            and self.fmt == other.fmt
+            and np.array_equal(self.mant, other.mant)
+            and np.array_equal(self.exp, other.exp)
+        )
+
+    def check(self) -> None:
+        """Raise if any integer or exponent is outside the format's range."""
+        q = self.fmt.qmax
+        if self.mant.size and np.abs(self.mant).max() > q:
+            raise ValueError(f"mantissa outside [-{q}, {q}]")
+        if self.exp.size and (self.exp.min() < self.fmt.e_min or self.exp.max() > self.fmt.e_max):
+            raise ValueError(f"exponent outside [{self.fmt.e_min}, {self.fmt.e_max}]")
+
+
+def _blocked(x: np.ndarray, B: int) -> np.ndarray:
+    if x.ndim < 1 or x.shape[-1] % B:
+        raise ConfigError(f"last axis {x.shape[-1:]} is not a multiple of block size {B}")
+    return x.reshape(x.shape[:-1] + (x.shape[-1] // B, B))
+
+
+def shared_exponent(m: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """Smallest exponent in ``[e_min, e_max]`` with ``m * 2**-e < qmax + 1/2``.
+
+    ``m`` holds non-negative float64 block maxima (exact values). The comparison
+    ``2*m*2**-e < 2*qmax + 1`` is exact in binary floating point.
+    """
+    lim = 2.0 * fmt.qmax + 1.0
+    _, k = np.frexp(m)  # m = f * 2**k, f in [0.5, 1): log2(m) in [k-1, k)
+    # 2*m*2**-e < lim  <=>  e > log2(2m/lim); the answer is within [k - kq, k - kq + 1]
+    kq = int(np.frexp(lim)[1]) - 1
+    e = k.astype(np.int64) - kq
+    ok_lower = np.ldexp(2.0 * m, -(e - 1)) < lim  # one smaller also fits?
+    e = np.where(ok_lower, e - 1, e)
+    e = np.where(np.ldexp(2.0 * m, -e) < lim, e, e + 1)
+    e = np.where(m == 0, fmt.e_min, e)
+    return np.clip(e, fmt.e_min, fmt.e_max)
+
+
+def encode(x, fmt: BlockFormat) -> BlockTensor:
+    """Encode float values into block format along the last axis.
+
+    Parameters
+    ----------
+    x : array_like of float, shape (..., K)
+        ``K`` must be a multiple of ``fmt.block``; NaN and infinities are refused.
+    fmt : BlockFormat
+
+    Returns
+    -------
+    BlockTensor
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("cannot encode NaN or infinite values")
+    xb = _blocked(x, fmt.block)
+    e = shared_exponent(np.abs(xb).max(axis=-1), fmt)
+    q = round_half_away(np.ldexp(xb, -e[..., None]))
+    q = np.clip(q, -fmt.qmax, fmt.qmax)
+    return BlockTensor(q.reshape(x.shape), e, fmt)
+
+
+def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
+    """Encode fixed-point integers ``y * 2**scale`` into block format, integer-only.
+
+    This is the blockifier the hardware implements: block max, shared exponent by bit lengths,
+    one rounding shift, saturation.
+
+    Parameters
+    ----------
+    y : array_like of int64, shape (..., K)
+        ``|y| < 2**62``.
+    scale : int or array_like of int, broadcastable to ``y.shape[:-1]``
+        Power-of-two scale of ``y`` (per row).
+    fmt : BlockFormat
+    """
+    y = np.asarray(y, dtype=np.int64)
+    yb = _blocked(y, fmt.block)
+    m = np.abs(yb).max(axis=-1)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.int64), y.shape[:-1])[..., None]
+    # smallest sh with 2*m < lim * 2**sh (lim = 2*qmax + 1): with L = bitlen(2m) and
+    # Q = bitlen(lim) it is L - Q when 2m < lim << (L - Q), else L - Q + 1 (an exact test)
+    lim = 2 * fmt.qmax + 1
+    v = 2 * m
+    d = bit_length(v) - lim.bit_length()
+    fits = np.where(
+        d >= 0,
+        v < np.left_shift(np.int64(lim), np.clip(d, 0, 62)),
+        np.left_shift(v, np.clip(-d, 0, 62)) < lim,
+    )
+    sh = np.where(fits, d, d + 1)
+    e = np.where(m == 0, fmt.e_min, e)
+    return np.clip(e, fmt.e_min, fmt.e_max)
+
+
+def encode(x, fmt: BlockFormat) -> BlockTensor:
+    """Encode float values into block format along the last axis.
+
+    Parameters
+    ----------
+    x : array_like of float, shape (..., K)
+        ``K`` must be a multiple of ``fmt.block``; NaN and infinities are refused.
+    fmt : BlockFormat
+
+    Returns
+    -------
+    BlockTensor
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("cannot encode NaN or infinite values")
+    xb = _blocked(x, fmt.block)
+    e = shared_exponent(np.abs(xb).max(axis=-1), fmt)
+    q = round_half_away(np.ldexp(xb, -e[..., None]))
+    q = np.clip(q, -fmt.qmax, fmt.qmax)
+    return BlockTensor(q.reshape(x.shape), e, fmt)
+
+
+def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
+    """Encode fixed-point integers ``y * 2**scale`` into block format, integer-only.
+
+    This is the blockifier the hardware implements: block max, shared exponent by bit lengths,
+    one rounding shift, saturation.
+
+    Parameters
+    ----------
+    y : array_like of int64, shape (..., K)
+        ``|y| < 2**62``.
+    scale : int or array_like of int, broadcastable to ``y.shape[:-1]``
+        Power-of-two scale of ``y`` (per row).
+    fmt : BlockFormat
+    """
+    y = np.asarray(y, dtype=np.int64)
+    yb = _blocked(y, fmt.block)
+    m = np.abs(yb).max(axis=-1)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.int64), y.shape[:-1])[..., None]
+    # smallest sh with 2*m < (2*qmax + 1) * 2**sh, from bit lengths, then one correction step
+    lim = 2 * fmt.qmax + 1
+    sh = bit_length(2 * m) - lim.bit_length()
+    fits = np.where(sh >= 0, np.right_shift(2 * m, np.clip(sh, 0, 62)) < lim,
+                    np.left_shift(2 * m, np.clip(-sh, 0, 62)) < lim)
+    # right shift truncates: 2m >> sh < lim is necessary; exact test needs the dropped bits
+    exact_fits = np.where(
+        sh >= 0,
+        (np.right_shift(2 * m, np.clip(sh, 0, 62)) < lim - 1)
+        | ((np.right_shift(2 * m, np.clip(sh, 0, 62)) == lim - 1)),
+        fits,
+    )
+    sh = np.where(exact_fits, sh, sh + 1)
+    e = np.where(m == 0, fmt.e_min, scale + sh)
+    e = np.clip(e, fmt.e_min, fmt.e_max)
+    q = round_shift(yb, (e - scale)[..., None])
+    q = np.clip(q, -fmt.qmax, fmt.qmax)
+    return BlockTensor(q.reshape(y.shape), e, fmt)
+
+
+def to_fixed(t: BlockTensor, frac: int, bits: int) -> np.ndarray:
+    """Convert to fixed point with ``frac`` fraction bits, saturated to signed ``bits`` bits.
+
+    ``round(mant * 2**(exp + frac))`` with the project's rounding; exact whenever
+    ``exp >= -frac``.
+    """
+    x = round_shift(t.blocks, -(t.exp[..., None] + frac))
+    m = (1 << (bits - 1)) - 1
+    return np.clip(x, -m, m).reshape(t.shape)

@@ -1,0 +1,123 @@
+"""Integer primitives shared by every kernel: the project's ONE rounding rule lives here.
+
+The rule is *round half away from zero* (RHAZ). On a two's complement integer ``x`` scaled by
+``2**-s`` (``s > 0``) it is ``(x + 2**(s-1) - (x < 0)) >> s`` with an arithmetic shift: one adder
+whose carry-in is the sign bit, which is also how the hardware does it. It is symmetric
+(``r(-x) == -r(x)``), so symmetric integer ranges stay symmetric.
+
+All array functions work on ``int64`` numpy arrays; callers keep magnitudes below ``2**62``
+(every width in the project is derived from :class:`bct.config.Config`, which checks this).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "round_shift",
+    "round_shift_int",
+    "round_half_away",
+    "round_div",
+    "round_div_int",
+    "saturate",
+    "bit_length",
+    "sqrt_round_int",
+]
+
+_MAX_SHIFT = 62
+
+
+def round_shift(x, s):
+    """``x * 2**-s`` rounded half away from zero, element-wise.
+
+    Parameters
+    ----------
+    x : array_like of int
+        Values (``int64``; ``|x| < 2**62``).
+    s : array_like of int
+        Shift amounts, broadcast against ``x``. ``s > 0`` divides with rounding; ``s <= 0`` is the
+        exact left shift ``x * 2**-s`` (the caller guarantees it does not overflow).
+
+    Returns
+    -------
+    numpy.ndarray of int64
+    """
+    x = np.asarray(x, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64)
+    if s.ndim == 0:  # fast scalar-shift path, the common case
+        s = int(s)
+        if s <= 0:
+            return np.left_shift(x, -s)
+        if s > _MAX_SHIFT:
+            return np.zeros_like(x)
+        return np.right_shift(x + ((1 << (s - 1)) - (x < 0)), s)
+    sr = np.clip(s, 1, _MAX_SHIFT)
+    right = np.right_shift(x + (np.left_shift(np.int64(1), sr - 1) - (x < 0)), sr)
+    right = np.where(s > _MAX_SHIFT, 0, right)
+    left = np.left_shift(x, np.clip(-s, 0, _MAX_SHIFT))
+    return np.where(s > 0, right, left)
+
+
+def round_shift_int(x: int, s: int) -> int:
+    """Pure-Python-int version of :func:`round_shift` (no width limit); the reference."""
+    if s <= 0:
+        return x << -s
+    return (x + (1 << (s - 1)) - (x < 0)) >> s
+
+
+def round_half_away(y) -> np.ndarray:
+    """Round float64 values to the nearest integer, halves away from zero, exactly.
+
+    ``floor(|y|)`` and ``|y| - floor(|y|)`` are exact in binary floating point, so the tie test is
+    exact for every finite ``y`` (unlike ``floor(y + 0.5)``).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    a = np.abs(y)
+    f = np.floor(a)
+    r = f + (a - f >= 0.5)
+    return np.copysign(r, y).astype(np.int64)
+
+
+def round_div(n, d):
+    """``n / d`` rounded half away from zero, for integer ``n`` and positive integer ``d``."""
+    n = np.asarray(n, dtype=np.int64)
+    d = np.asarray(d, dtype=np.int64)
+    a = np.abs(n)
+    q = (2 * a + d) // (2 * d)
+    return np.where(n < 0, -q, q)
+
+
+def round_div_int(n: int, d: int) -> int:
+    """Pure-Python-int version of :func:`round_div`."""
+    q = (2 * abs(n) + d) // (2 * d)
+    return -q if n < 0 else q
+
+
+def saturate(x, bits: int):
+    """Clamp to the symmetric signed range ``[-(2**(bits-1)-1), 2**(bits-1)-1]``."""
+    m = (1 << (bits - 1)) - 1
+    return np.clip(np.asarray(x, dtype=np.int64), -m, m)
+
+
+def bit_length(x) -> np.ndarray:
+    """Element-wise ``int.bit_length`` of non-negative ``int64`` values (exact up to 2**62)."""
+    x = np.asarray(x, dtype=np.int64)
+    _, e = np.frexp(x.astype(np.float64))
+    e = e.astype(np.int64)
+    # float64 conversion may round up to the next power of two above 2**53: correct it.
+    too_big = (e > 0) & (np.right_shift(x, np.clip(e - 1, 0, 62)) == 0)
+    return e - too_big
+
+
+def sqrt_round_int(d):
+    """``round(sqrt(d))`` (half away from zero) for non-negative integers, exactly.
+
+    ``floor((isqrt(4*d) + 1) / 2) == floor(sqrt(d) + 1/2)``; works element-wise on int64 arrays
+    with ``d < 2**60``.
+    """
+    d = np.asarray(d, dtype=np.int64)
+    r = np.floor(np.sqrt(4.0 * d.astype(np.float64))).astype(np.int64)  # isqrt(4d) +- 1
+    four_d = 4 * d
+    r = np.where(r * r > four_d, r - 1, r)
+    r = np.where((r + 1) * (r + 1) <= four_d, r + 1, r)
+    return (r + 1) >> 1

@@ -1,0 +1,162 @@
+"""Blockwise integer matmul ``Y = X W^T (+ bias)`` and residual addition, integer-only.
+
+Both operands are in block format along the reduction axis K. For output ``(m, n)`` and K-block
+``j`` the integer dot product ``P[m,n,j] = sum_i qx[m,j,i] * qw[n,j,i]`` carries the exponent
+``ex[m,j] + ew[n,j]``. Products are aligned into one fixed-point accumulator whose scale is
+
+    ``scale[m] = max(max_j ex[m,j] + max_{n,j} ew[n,j], max(e_bias)) - G``
+
+(``G = acc_guard_bits``): the row's largest activation exponent plus the matrix's largest weight
+exponent, so the shift ``s = scale[m] - ex[m,j] - ew[n,j] = dx[m,j] + dw[n,j]`` is separable
+(each PE adds a row shift and a column shift) and ``s >= -G``. Each block term is
+``round_shift(P, s)``; the accumulator therefore never exceeds ``Config.acc_bound`` and has
+``Config.acc_bits`` bits (proof in docs/arithmetic.md).
+
+The fast path holds the integers in float64, which is exact: ``|P| < 2**37`` for every config and
+every partial sum is below ``2**53`` (checked by :class:`bct.config.Config`).
+:func:`matmul_pyint` is the same definition in plain Python ints, the oracle of the tests.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from bct.config import Config, ConfigError
+from bct.model.blocks import BlockTensor, requantize
+from bct.model.fixed import round_shift, round_shift_int
+
+__all__ = ["Fixed", "matmul", "matmul_pyint", "linear", "add"]
+
+# Rows handled per step of the fast path (bounds the (blocks, rows, N) float64 temporary).
+_ROW_CHUNK = 256
+# A shift this large rounds any block product (|P| < 2**37) to 0, so larger ones are clamped.
+_SHIFT_CLAMP = 64
+
+
+class Fixed(NamedTuple):
+    """Fixed-point integers with a power-of-two scale per row: ``value * 2**scale[..., None]``."""
+
+    value: np.ndarray
+    scale: np.ndarray
+
+
+def _check_operands(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cfg: Config):
+    if x.fmt != cfg.act_format:
+        raise ConfigError(f"left operand format {x.fmt} is not the config's activation format")
+    if w.fmt not in (cfg.weight_format, cfg.act_format):
+        raise ConfigError(f"right operand format {w.fmt} is neither the weight nor the activation format")
+    if x.mant.ndim != 2 or w.mant.ndim != 2:
+        raise ValueError(f"matmul takes 2-D operands, not {x.shape} and {w.shape}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"reduction lengths differ: {x.shape} and {w.shape}")
+    cfg.check_reduction(x.shape[1])
+    if bias is not None:
+        if bias.fmt != cfg.vector_format:
+            raise ConfigError(f"bias format {bias.fmt} is not the config's vector format")
+        if bias.shape != (w.shape[0],):
+            raise ValueError(f"bias shape {bias.shape} does not match {w.shape[0]} outputs")
+
+
+def _scale(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cfg: Config) -> np.ndarray:
+    top = x.exp.max(axis=-1) + w.exp.max()
+    if bias is not None:
+        top = np.maximum(top, bias.exp.max())
+    return (top - cfg.acc_guard_bits).astype(np.int64)
+
+
+def matmul(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None = None) -> Fixed:
+    """Blockwise integer ``x @ w.T (+ bias)`` into the fixed-point accumulator.
+
+    Parameters
+    ----------
+    x : BlockTensor, shape (M, K)
+        Activations, in ``cfg.act_format``.
+    w : BlockTensor, shape (N, K)
+        Weights (``cfg.weight_format``) or activations (``cfg.act_format``).
+    cfg : Config
+    bias : BlockTensor, shape (N,), optional
+        In ``cfg.vector_format`` (blocked along N).
+
+    Returns
+    -------
+    Fixed
+        ``value`` int64 (M, N), exactly ``|value| <= cfg.acc_bound``; ``scale`` int64 (M,).
+    """
+    _check_operands(x, w, bias, cfg)
+    scale = _scale(x, w, bias, cfg)
+    # s = scale[m] - ex[m,j] - ew[n,j] = sx[m,j] + sw[n,j] with sx >= -G, sw >= 0. Folding 2**-sx
+    # into X and 2**-sw into W makes each block's float64 dot product exactly P * 2**-s
+    # (power-of-two factors, |P| < 2**37). Shifts are clamped where the term is 0 anyway.
+    sx = np.minimum(scale[:, None] - x.exp - w.exp.max(), _SHIFT_CLAMP)  # (M, nb)
+    sw = np.minimum(w.exp.max() - w.exp, _SHIFT_CLAMP)  # (N, nb)
+    xs = np.ldexp(x.blocks.astype(np.float64), -sx[:, :, None]).transpose(1, 0, 2)  # (nb, M, B)
+    ws = np.ldexp(w.blocks.astype(np.float64), -sw[:, :, None]).transpose(1, 2, 0)  # (nb, B, N)
+    M, N = x.shape[0], w.shape[0]
+    acc = np.empty((M, N), dtype=np.int64)
+    for r0 in range(0, M, _ROW_CHUNK):
+        rows = slice(r0, min(M, r0 + _ROW_CHUNK))
+        y = np.matmul(xs[:, rows], ws)  # (nb, m, N): P * 2**-s, exact
+        # RHAZ as trunc(y +- 1/2): exact here because y has at most 37 significant bits
+        y += np.copysign(0.5, y)
+        np.trunc(y, out=y)
+        acc[rows] = y.sum(axis=0).astype(np.int64)  # integer partial sums < 2**53: exact
+    if bias is not None:
+        acc += round_shift(bias.blocks, scale[:, None, None] - bias.exp[None, :, None]).reshape(
+            M, N
+        )
+    return Fixed(acc, scale)
+
+
+def matmul_pyint(
+    x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None = None
+) -> Fixed:
+    """:func:`matmul` written with plain Python ints, one block at a time (the test oracle)."""
+    _check_operands(x, w, bias, cfg)
+    B, G = cfg.block_size, cfg.acc_guard_bits
+    xm, xe = x.mant.tolist(), x.exp.tolist()
+    wm, we = w.mant.tolist(), w.exp.tolist()
+    ew_max = max(max(r) for r in we)
+    bm = bias.mant.tolist() if bias is not None else None
+    be = bias.exp.tolist() if bias is not None else None
+    nb = len(xe[0])
+    out, scales = [], []
+    for m in range(len(xm)):
+        top = max(xe[m]) + ew_max
+        if bias is not None:
+            top = max(top, max(be))
+        scale = top - G
+        row = []
+        for n in range(len(wm)):
+            acc = 0
+            for j in range(nb):
+                p = sum(a * b for a, b in zip(xm[m][j * B:(j + 1) * B], wm[n][j * B:(j + 1) * B]))
+                acc += round_shift_int(p, scale - xe[m][j] - we[n][j])
+            if bias is not None:
+                acc += round_shift_int(bm[n], scale - be[n // B])
+            row.append(acc)
+        out.append(row)
+        scales.append(scale)
+    return Fixed(np.array(out, dtype=np.int64).reshape(len(xm), len(wm)),
+                 np.array(scales, dtype=np.int64))
+
+
+def linear(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None = None) -> BlockTensor:
+    """``x @ w.T + bias`` re-encoded to the activation block format (blocks along N)."""
+    y = matmul(x, w, cfg, bias)
+    return requantize(y.value, y.scale, cfg.act_format)
+
+
+def add(a: BlockTensor, b: BlockTensor, cfg: Config) -> Fixed:
+    """Residual sum of two activations, aligned to ``max(row exponents) - G``.
+
+    Each operand is ``round_shift(q, scale - e)`` with ``scale - e >= -G``, so
+    ``|value| <= 2 * qmax * 2**G`` (``Config.add_bits``).
+    """
+    if a.shape != b.shape or a.fmt != b.fmt:
+        raise ValueError(f"cannot add {a.shape} {a.fmt} and {b.shape} {b.fmt}")
+    scale = np.maximum(a.exp.max(axis=-1), b.exp.max(axis=-1)) - cfg.acc_guard_bits
+    s = scale[..., None, None]
+    value = round_shift(a.blocks, s - a.exp[..., None]) + round_shift(b.blocks, s - b.exp[..., None])
+    return Fixed(value.reshape(a.shape), scale.astype(np.int64))
