@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bct.config import Config, ConfigError
+from bct.config import MAX_ADD_TERMS, Config, ConfigError
 from bct.model.blocks import BlockTensor, requantize
 from bct.model.fixed import round_shift, round_shift_int
 
@@ -148,15 +148,21 @@ def linear(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
     return requantize(y.value, y.scale, cfg.act_format)
 
 
-def add(a: BlockTensor, b: BlockTensor, cfg: Config) -> Fixed:
-    """Residual sum of two activations, aligned to ``max(row exponents) - G``.
+def add(*terms: BlockTensor, cfg: Config) -> Fixed:
+    """Sum of up to ``MAX_ADD_TERMS`` activations (residuals, the embedding sum), aligned to
+    ``max(row exponents) - G``.
 
-    Each operand is ``round_shift(q, scale - e)`` with ``scale - e >= -G``, so
-    ``|value| <= 2 * qmax * 2**G`` (``Config.add_bits``).
+    Each operand becomes ``round_shift(q, scale - e)`` with ``scale - e >= -G``, so
+    ``|value| <= terms * qmax * 2**G <= Config.add_bound``.
     """
-    if a.shape != b.shape or a.fmt != b.fmt:
-        raise ValueError(f"cannot add {a.shape} {a.fmt} and {b.shape} {b.fmt}")
-    scale = np.maximum(a.exp.max(axis=-1), b.exp.max(axis=-1)) - cfg.acc_guard_bits
+    if not 1 <= len(terms) <= MAX_ADD_TERMS:
+        raise ValueError(f"add takes 1..{MAX_ADD_TERMS} terms, not {len(terms)} (too many terms)")
+    first = terms[0]
+    for t in terms[1:]:
+        if t.shape != first.shape or t.fmt != first.fmt:
+            raise ValueError(f"cannot add {first.shape} {first.fmt} and {t.shape} {t.fmt}")
+    top = np.max([t.exp.max(axis=-1) for t in terms], axis=0)
+    scale = (top - cfg.acc_guard_bits).astype(np.int64)
     s = scale[..., None, None]
-    value = round_shift(a.blocks, s - a.exp[..., None]) + round_shift(b.blocks, s - b.exp[..., None])
-    return Fixed(value.reshape(a.shape), scale.astype(np.int64))
+    value = sum(round_shift(t.blocks, s - t.exp[..., None]) for t in terms)
+    return Fixed(value.reshape(first.shape), scale)

@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from bct.config import BlockFormat, Config, ConfigError
+from bct.model.blocks import BlockTensor, encode, requantize, shared_exponent, to_fixed
+
+FORMATS = [BlockFormat(8, 32, 8), BlockFormat(4, 8, 8), BlockFormat(6, 128, 5), BlockFormat(2, 16, 4)]
+
+
+def _smallest_exponent_brute(m: float, fmt: BlockFormat) -> int:
+    for e in range(fmt.e_min, fmt.e_max + 1):
+        if abs(m) * 2.0**-e < fmt.qmax + 0.5:
+            return e
+    return fmt.e_max
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_encode_rule_seeded(fmt):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 4 * fmt.block)) * np.exp(rng.uniform(-6, 6, (64, 1)))
+    t = encode(x, fmt)
+    t.check()
+    for row in range(8):
+        for j in range(4):
+            blk = x[row, j * fmt.block:(j + 1) * fmt.block]
+            assert t.exp[row, j] == _smallest_exponent_brute(np.abs(blk).max(), fmt)
+    step = np.ldexp(1.0, t.block_exp())
+    inside = t.block_exp() < fmt.e_max  # blocks at e_max may saturate
+    assert inside.mean() > 0.5
+    assert (np.abs(t.decode() - x)[inside] <= step[inside] / 2).all()  # half a step, never more
+    # the block maximum uses the upper half of the range (the exponent is the smallest)
+    in_range = (t.exp > fmt.e_min) & (t.exp < fmt.e_max)
+    assert (np.abs(t.blocks).max(axis=-1)[in_range] > fmt.qmax // 2).all()
+
+
+float_blocks = hnp.arrays(
+    np.float64, (3, 32), elements=st.floats(-1e6, 1e6, allow_nan=False, allow_subnormal=False)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(float_blocks)
+def test_encode_properties(x):
+    fmt = Config().act_format
+    t = encode(x, fmt)
+    t.check()
+    step = np.ldexp(1.0, t.block_exp())
+    assert (np.abs(t.decode() - x) <= step / 2).all()
+    # decode is exact and re-encoding is the identity
+    assert encode(t.decode(), fmt) == t
+    # symmetric: encode(-x) == -encode(x)
+    n = encode(-x, fmt)
+    assert np.array_equal(n.mant, -t.mant) and np.array_equal(n.exp, t.exp)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hnp.arrays(np.int64, (2, 16), elements=st.integers(-(2**45), 2**45)),
+    st.integers(-150, 40),
+    st.sampled_from(FORMATS[1:2] + [BlockFormat(8, 16, 8), BlockFormat(3, 16, 6)]),
+)
+def test_requantize_equals_float_encode(y, scale, fmt):
+    """The integer-only blockifier and the float encoder agree on the same exact values."""
+    a = requantize(y, scale, fmt)
+    b = encode(np.ldexp(y.astype(np.float64), scale), fmt)
+    assert a == b
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_integer_round_trip(fmt):
+    """Decoding to fixed point (exact) and re-encoding with the integer blockifier is the identity."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 4 * fmt.block)) * np.exp(rng.uniform(-4, 4, (32, 4 * fmt.block)))
+    x[0, : fmt.block] = 0  # an all-zero block
+    t = encode(x, fmt)
+    live = t.exp[t.exp > fmt.e_min]
+    frac = -int(live.min())
+    assert int(live.max()) + frac + fmt.bits < 62
+    assert requantize(to_fixed(t, frac, 63), -frac, fmt) == t
+
+
+def test_zero_block_gets_e_min_and_zeros():
+    fmt = Config().act_format
+    x = np.zeros((2, 64))
+    x[1, 40] = 3.0
+    t = encode(x, fmt)
+    assert t.exp.tolist() == [[-128, -128], [-128, -5]]
+    assert (t.mant[0] == 0).all() and (t.mant[1, :32] == 0).all()
+    r = requantize(np.zeros((1, 32), dtype=np.int64), 7, fmt)
+    assert r.exp.tolist() == [[-128]] and not r.mant.any()
+
+
+def test_saturation_at_e_max_and_underflow_at_e_min():
+    fmt = BlockFormat(8, 8, 4)  # exponents -8..7
+    big = np.full(8, 1e9)
+    t = encode(big, fmt)
+    assert t.exp.tolist() == [7] and t.mant.tolist() == [127] * 8
+    tiny = np.array([1e-6, 2**-10, 2**-9 * 1.5, -(2**-9), 0, 0, 0, 0])
+    t = encode(tiny, fmt)
+    # e clamps to e_min = -8: values round on the 2**-8 grid, halves away from zero
+    assert t.exp.tolist() == [-8] and t.mant.tolist() == [0, 0, 1, -1, 0, 0, 0, 0]
+
+
+def test_rounding_boundary_picks_smallest_exponent():
+    fmt = BlockFormat(8, 8, 8)
+    # 127.49 rounds to 127 at e=0; 127.5 would round to 128 and needs e=1
+    assert encode(np.array([127.49] + [0] * 7), fmt).exp.tolist() == [0]
+    assert encode(np.array([127.5] + [0] * 7), fmt).exp.tolist() == [1]
+    assert encode(np.array([-127.5] + [0] * 7), fmt).mant.tolist()[0] == -64
+    assert shared_exponent(np.array([0.0, 1.0, 254.9]), fmt).tolist() == [-128, -6, 1]
+
+
+def test_to_fixed_rounds_and_saturates():
+    fmt = BlockFormat(8, 8, 8)
+    t = BlockTensor(np.array([[3, -3, 127, -127, 1, 0, 0, 0]], dtype=np.int64), np.array([[-2]]), fmt)
+    assert to_fixed(t, 1, 16).tolist() == [[2, -2, 64, -64, 1, 0, 0, 0]]  # 1.5 -> 2, 0.5 -> 1
+    assert to_fixed(t, 4, 8).tolist() == [[12, -12, 127, -127, 4, 0, 0, 0]]  # saturated at 127
+
+
+def test_errors():
+    fmt = Config().act_format
+    with pytest.raises(ConfigError, match=r"last axis \(30,\) is not a multiple of block size 32"):
+        encode(np.zeros(30), fmt)
+    with pytest.raises(ValueError, match="cannot encode NaN or infinite values"):
+        encode(np.full(32, np.nan), fmt)
+    with pytest.raises(ValueError, match="cannot encode NaN or infinite values"):
+        encode(np.full(32, np.inf), fmt)
+    with pytest.raises(TypeError, match="must be int64"):
+        BlockTensor(np.zeros(32, dtype=np.int32), np.zeros(1, dtype=np.int64), fmt)
+    with pytest.raises(ValueError, match="exp shape"):
+        BlockTensor(np.zeros(32, dtype=np.int64), np.zeros(2, dtype=np.int64), fmt)
+    bad = BlockTensor(np.full(32, 200, dtype=np.int64), np.zeros(1, dtype=np.int64), fmt)
+    with pytest.raises(ValueError, match=r"mantissa outside \[-127, 127\]"):
+        bad.check()

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from bct.config import Config, ConfigError
+
+
+def test_defaults_and_derived_widths():
+    c = Config()
+    assert c.weight_format.qmax == 127 and c.act_format.e_min == -128 and c.act_format.e_max == 127
+    # |acc| <= (K_max * qa * qw + qv) * 2**G, one sign bit on top
+    assert c.acc_bound == (4096 * 127 * 127 + 127) << 8
+    assert c.acc_bits == c.acc_bound.bit_length() + 1 == 35
+    assert c.block_product_bits == (32 * 127 * 127).bit_length() + 1
+
+
+def test_hash_is_stable_and_content_based():
+    a, b = Config(), Config()
+    assert a.hash == b.hash and len(a.hash) == 16
+    assert Config(block_size=64).hash != a.hash
+    assert Config.from_dict(json.loads(json.dumps(a.to_dict()))).hash == a.hash
+    assert a.replace(weight_bits=4).weight_bits == 4
+
+
+def test_check_hash_refuses_mismatch():
+    a, b = Config(), Config(weight_bits=4)
+    a.check_hash(a.hash)
+    with pytest.raises(ConfigError, match=f"made for config {b.hash}, but the current config is {a.hash}"):
+        a.check_hash(b.hash, "memory image")
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"block_size": 12}, "block_size must be a power of two, not 12"),
+        ({"block_size": 4}, "block_size must be in 8..128, not 4"),
+        ({"block_size": 256}, "block_size must be in 8..128, not 256"),
+        ({"block_size": 32.0}, "block_size must be an int, not float"),
+        ({"weight_bits": 1}, "weight_bits must be in 2..16, not 1"),
+        ({"act_bits": 17}, "act_bits must be in 2..16, not 17"),
+        ({"vector_bits": True}, "vector_bits must be an int, not bool"),
+        ({"exp_bits": 11}, "exp_bits must be in 2..10, not 11"),
+        ({"acc_guard_bits": -1}, "acc_guard_bits must be in 0..16, not -1"),
+        ({"max_reduction": 100}, "max_reduction 100 is not a multiple of block_size 32"),
+        ({"gelu_segments": 48}, "gelu_segments must be a power of two, not 48"),
+        ({"gelu_table_range": 3}, "gelu_table_range must be a power of two, not 3"),
+        ({"gelu_segments": 1024, "gelu_frac": 4}, "gelu_segments 1024 is finer than the input grid"),
+        ({"ln_frac": 16}, "ln_frac 16 must be below ln_sqrt_bits 16"),
+        ({"ln_eps": -1.0}, r"ln_eps must be in \[0, 1\), not -1.0"),
+        ({"clock_mhz": 0}, "clock_mhz must be in 1..2000, not 0"),
+        ({"act_bits": 16, "weight_bits": 16, "acc_guard_bits": 16}, "the matmul accumulator needs 59 bits \\(> 53\\)"),
+        ({"act_bits": 16}, "LayerNorm's N \\* sum\\(x\\*\\*2\\) needs"),
+    ],
+)
+def test_config_errors(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**kw)
+
+
+def test_check_reduction():
+    c = Config()
+    c.check_reduction(384)
+    with pytest.raises(ConfigError, match="reduction length 100 is not a multiple of block_size 32"):
+        c.check_reduction(100)
+    with pytest.raises(ConfigError, match="LayerNorm width 8192 exceeds max_reduction 4096"):
+        c.check_reduction(8192, "LayerNorm width")
+
+
+def test_unknown_field_refused():
+    with pytest.raises(ConfigError, match="unknown config field"):
+        Config.from_dict({"blocksize": 32})
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        Config().block_size = 64

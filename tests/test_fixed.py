@@ -1,0 +1,76 @@
+import math
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bct.model.fixed import (
+    bit_length,
+    round_div,
+    round_div_int,
+    round_half_away,
+    round_shift,
+    round_shift_int,
+    sqrt_round_int,
+)
+
+ints = st.integers(-(2**61), 2**61)
+
+
+def _rhaz(num: int, den: int) -> int:
+    """Reference: num / den rounded half away from zero, with Fractions-free integer maths."""
+    q, r = divmod(abs(num), den)
+    if 2 * r >= den:
+        q += 1
+    return q if num >= 0 else -q
+
+
+@given(ints, st.integers(0, 70))
+def test_round_shift_matches_reference(x, s):
+    expect = _rhaz(x, 1 << s)
+    assert round_shift_int(x, s) == expect
+    assert int(round_shift(np.int64(x), s)) == expect
+    assert int(round_shift(np.array([x]), np.array([s]))[0]) == expect
+
+
+@given(st.integers(-(2**40), 2**40), st.integers(-20, 0))
+def test_round_shift_left_is_exact(x, s):
+    assert int(round_shift(np.int64(x), s)) == x << -s == round_shift_int(x, s)
+    assert int(round_shift(np.array([x]), np.array([s]))[0]) == x << -s
+
+
+def test_round_shift_ties_go_away_from_zero_and_are_symmetric():
+    x = np.array([5, -5, 3, -3, 1, -1, 2, -2, 6, -6])
+    assert round_shift(x, 1).tolist() == [3, -3, 2, -2, 1, -1, 1, -1, 3, -3]
+    assert round_shift(x, 2).tolist() == [1, -1, 1, -1, 0, 0, 1, -1, 2, -2]
+
+
+@given(st.floats(-1e15, 1e15, allow_nan=False))
+def test_round_half_away_float(y):
+    r = int(round_half_away(np.array([y]))[0])
+    assert abs(r - y) <= 0.5
+    if abs(r - y) == 0.5:
+        assert abs(r) > abs(y)
+
+
+def test_round_half_away_exact_ties():
+    y = np.array([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49999999999999994, 4503599627370495.5])
+    assert round_half_away(y).tolist() == [1, -1, 2, -2, 3, -3, 0, 4503599627370496]
+
+
+@given(st.integers(-(2**50), 2**50), st.integers(1, 2**40))
+def test_round_div(n, d):
+    assert round_div_int(n, d) == _rhaz(n, d) == int(round_div(np.int64(n), np.int64(d)))
+
+
+@given(st.integers(0, 2**62 - 1))
+def test_bit_length(x):
+    assert int(bit_length(np.array([x]))[0]) == x.bit_length()
+
+
+@given(st.integers(0, 2**60 - 1))
+def test_sqrt_round(d):
+    r = int(sqrt_round_int(np.array([d]))[0])
+    assert r == (math.isqrt(4 * d) + 1) // 2
+    # round(sqrt(d)) half away: (r - 1/2)**2 <= d < (r + 1/2)**2
+    assert (2 * r - 1) ** 2 <= 4 * d < (2 * r + 1) ** 2 or d == 0

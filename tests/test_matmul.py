@@ -1,0 +1,139 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bct.config import Config, ConfigError
+from bct.model.blocks import BlockTensor, encode
+from bct.model.matmul import add, linear, matmul, matmul_pyint
+
+CONFIGS = [
+    Config(),
+    Config(weight_bits=4, block_size=16),
+    Config(weight_bits=4, act_bits=6, block_size=128, acc_guard_bits=4),
+    Config(block_size=8, acc_guard_bits=0, exp_bits=5),
+]
+
+
+def _operands(cfg, M, K, N, rng, spread=2.0):
+    X = rng.standard_normal((M, K)) * np.exp(spread * rng.standard_normal((M, K)))
+    X[0, : cfg.block_size] = 0  # an all-zero block
+    W = rng.standard_normal((N, K)) * 0.05 * np.exp(rng.standard_normal((N, K)))
+    b = rng.standard_normal(N) * 10.0 ** rng.integers(-4, 3)
+    return (
+        encode(X, cfg.act_format),
+        encode(W, cfg.weight_format),
+        encode(b, cfg.vector_format),
+    )
+
+
+def assert_same(a, b):
+    """Exact comparison that names the first differing index and both values."""
+    for name in ("value", "scale"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape, f"{name}: shapes {x.shape} != {y.shape}"
+        diff = np.argwhere(x != y)
+        assert diff.size == 0, (
+            f"{name} differs at {tuple(diff[0])}: {x[tuple(diff[0])]} != {y[tuple(diff[0])]}"
+        )
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"w{c.weight_bits}a{c.act_bits}b{c.block_size}g{c.acc_guard_bits}")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bit_exact_against_python_ints(cfg, with_bias):
+    rng = np.random.default_rng(cfg.block_size + with_bias)
+    x, w, b = _operands(cfg, 6, 2 * max(cfg.block_size, 32), 64 if cfg.block_size <= 32 else 128, rng)
+    bias = b if with_bias else None
+    got, ref = matmul(x, w, cfg, bias), matmul_pyint(x, w, cfg, bias)
+    assert_same(got, ref)
+    assert np.abs(got.value).max() <= cfg.acc_bound
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5), st.integers(1, 4), st.floats(0, 6))
+def test_bit_exact_random_shapes(seed, M, nb, spread):
+    cfg = Config(block_size=8, weight_bits=5)
+    rng = np.random.default_rng(seed)
+    x, w, b = _operands(cfg, M, 8 * nb, 8, rng, spread)
+    assert_same(matmul(x, w, cfg, b), matmul_pyint(x, w, cfg, b))
+
+
+def test_full_problem_bit_exact():
+    """The issue's (128 x 384) @ (384 x 1536) problem, against plain Python ints."""
+    cfg = Config()
+    rng = np.random.default_rng(7)
+    x, w, b = _operands(cfg, 128, 384, 1536, rng)
+    assert_same(matmul(x, w, cfg, b), matmul_pyint(x, w, cfg, b))
+
+
+@pytest.mark.parametrize("cfg", [Config(max_reduction=4096), Config(weight_bits=4, max_reduction=256, block_size=16)])
+def test_worst_case_accumulator_reaches_bound_without_wrapping(cfg):
+    """Every product at +qmax*qmax with equal exponents and the largest bias: |acc| == bound."""
+    K, B = cfg.max_reduction, cfg.block_size
+    qa, qv = cfg.act_format.qmax, cfg.vector_format.qmax
+    nb = K // B
+    # the right operand is a weight, or an activation (K in Q K^T): the bound covers both
+    for fmt in (cfg.weight_format, cfg.act_format):
+        for sign in (1, -1):
+            x = BlockTensor(np.full((1, K), qa, dtype=np.int64), np.zeros((1, nb), dtype=np.int64), cfg.act_format)
+            w = BlockTensor(np.full((B, K), sign * fmt.qmax, dtype=np.int64), np.zeros((B, nb), dtype=np.int64), fmt)
+            bias = BlockTensor(np.full(B, sign * qv, dtype=np.int64), np.zeros(1, dtype=np.int64), cfg.vector_format)
+            y = matmul(x, w, cfg, bias)
+            assert (y.value == sign * ((K * qa * fmt.qmax + qv) << cfg.acc_guard_bits)).all()
+            assert_same(y, matmul_pyint(x, w, cfg, bias))
+    assert (y.value == -cfg.acc_bound).all()  # the activation operand attains the bound
+    assert cfg.acc_bound < 2 ** (cfg.acc_bits - 1) <= 2 * cfg.acc_bound  # fits, and tightly
+
+
+def test_accuracy_against_float():
+    cfg = Config()
+    rng = np.random.default_rng(3)
+    x, w, b = _operands(cfg, 16, 384, 96, rng, spread=0.5)
+    y = matmul(x, w, cfg, b)
+    got = np.ldexp(y.value.astype(np.float64), y.scale[:, None])
+    ref = x.decode() @ w.decode().T + b.decode()
+    # each block term loses at most half an accumulator LSB; 12 blocks + bias
+    lsb = np.ldexp(1.0, y.scale)[:, None]
+    assert (np.abs(got - ref) <= 13 * lsb / 2).all()
+
+
+def test_linear_requantizes_along_outputs():
+    cfg = Config()
+    rng = np.random.default_rng(4)
+    x, w, b = _operands(cfg, 4, 64, 64, rng, spread=0.5)
+    out = linear(x, w, cfg, b)
+    assert out.shape == (4, 64) and out.exp.shape == (4, 2) and out.fmt == cfg.act_format
+    ref = x.decode() @ w.decode().T + b.decode()
+    step = np.ldexp(1.0, out.block_exp())
+    assert (np.abs(out.decode() - ref) <= step).all()
+
+
+def test_add_is_exact_with_guard_bits():
+    cfg = Config()
+    rng = np.random.default_rng(5)
+    a = encode(rng.standard_normal((3, 64)), cfg.act_format)
+    b = encode(rng.standard_normal((3, 64)) * 3, cfg.act_format)
+    c = encode(rng.standard_normal((3, 64)) * 0.01, cfg.act_format)
+    s = add(a, b, c, cfg=cfg)
+    got = np.ldexp(s.value.astype(np.float64), s.scale[:, None])
+    lsb = np.ldexp(1.0, s.scale)[:, None]
+    assert (np.abs(got - (a.decode() + b.decode() + c.decode())) <= 1.5 * lsb).all()
+    assert np.abs(s.value).max() <= cfg.add_bound
+
+
+def test_matmul_errors():
+    cfg = Config()
+    x = encode(np.ones((2, 64)), cfg.act_format)
+    w = encode(np.ones((4, 64)), cfg.weight_format)
+    with pytest.raises(ValueError, match=r"reduction lengths differ: \(2, 64\) and \(4, 32\)"):
+        matmul(x, encode(np.ones((4, 32)), cfg.weight_format), cfg)
+    with pytest.raises(ConfigError, match="left operand format"):
+        matmul(encode(np.ones((2, 64)), x.fmt.__class__(6, 32, 8)), w, cfg)
+    with pytest.raises(ConfigError, match="reduction length 64 exceeds max_reduction 32"):
+        matmul(x, w, cfg.replace(max_reduction=32))
+    with pytest.raises(ValueError, match="bias shape"):
+        matmul(x, w, cfg, encode(np.ones(32), cfg.vector_format))
+    with pytest.raises(ConfigError, match="bias format"):
+        matmul(x, w, cfg, encode(np.ones(4 * 8), cfg.act_format.__class__(4, 32, 8)))
+    with pytest.raises(ValueError, match="too many terms"):
+        add(x, x, x, x, cfg=cfg)

@@ -1,0 +1,191 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bct.config import Config, ConfigError
+from bct.model.blocks import encode
+from bct.model.constants import LOG2E_FRAC, derive
+from bct.model.fixed import round_div_int, round_shift_int
+from bct.model.matmul import Fixed
+from bct.model.nonlinear import (
+    gelu,
+    gelu_fixed,
+    layernorm,
+    layernorm_fixed,
+    softmax,
+    softmax_fixed,
+)
+
+CFG = Config()
+
+
+def gelu_scalar(x: int, cfg: Config) -> int:
+    """One input, plain Python ints: the algorithm as docs/arithmetic.md states it."""
+    c = derive(cfg)
+    lim = (1 << (cfg.gelu_bits - 1)) - 1
+    x = max(-lim, min(lim, x))
+    a = abs(x)
+    i, f = a >> c.gelu_seg_shift, a & ((1 << c.gelu_seg_shift) - 1)
+    h = 0
+    if i < cfg.gelu_segments:
+        lo, hi = c.gelu_table[i], c.gelu_table[i + 1]
+        h = lo + round_shift_int((hi - lo) * f, c.gelu_seg_shift)
+    g = c.gelu_table_frac - cfg.gelu_frac
+    return round_shift_int((max(x, 0) << g) - h, g)
+
+
+def softmax_scalar(row: list, cfg: Config) -> list:
+    c = derive(cfg)
+    lim = (1 << (cfg.softmax_bits - 1)) - 1
+    row = [max(-lim, min(lim, v)) for v in row]
+    m = max(row)
+    es = []
+    for v in row:
+        u = -round_shift_int((v - m) * c.log2e, LOG2E_FRAC)
+        es.append(round_shift_int(c.exp2_lut[u & ((1 << cfg.softmax_frac) - 1)], u >> cfg.softmax_frac))
+    recip = round_div_int(1 << (c.recip_shift + cfg.softmax_out_frac), sum(es))
+    return [round_shift_int(e * recip, c.recip_shift) for e in es]
+
+
+def _gelu_float(x):
+    return np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in np.ravel(x)]).reshape(np.shape(x))
+
+
+@pytest.mark.parametrize("cfg", [CFG, Config(gelu_frac=10, gelu_segments=128), Config(gelu_segments=32, gelu_int_bits=4)])
+def test_gelu_error_bound_on_whole_grid(cfg):
+    one = 1 << cfg.gelu_frac
+    x = np.arange(-8 * one, 8 * one + 1)
+    err = np.abs(gelu_fixed(x, cfg) / one - _gelu_float(x / one)).max()
+    assert err <= 0.01
+    if cfg == CFG:
+        assert err < 0.0025  # measured 0.00234: interpolation 4e-4 + output rounding 2**-9
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**20), 2**20))
+def test_gelu_matches_scalar_reference(x):
+    assert int(gelu_fixed(np.array([x]), CFG)[0]) == gelu_scalar(x, CFG)
+
+
+def test_gelu_edges():
+    one = 1 << CFG.gelu_frac
+    lim = (1 << (CFG.gelu_bits - 1)) - 1
+    x = np.array([0, 4 * one, 10 * one, -10 * one, 10**9, -(10**9)])
+    assert gelu_fixed(x, CFG).tolist() == [0, 4 * one, 10 * one, 0, lim, 0]
+    assert gelu_fixed(np.array([-one]), CFG)[0] == round(-0.15865525393 * one)
+
+
+def test_gelu_block_wrapper():
+    rng = np.random.default_rng(0)
+    t = encode(rng.standard_normal((4, 64)) * 3, CFG.act_format)
+    out = gelu(t, CFG)
+    assert out.fmt == CFG.act_format and out.shape == t.shape
+    step = np.ldexp(1.0, out.block_exp())
+    assert (np.abs(out.decode() - _gelu_float(t.decode())) <= step / 2 + 0.003).all()
+
+
+def _softmax_float(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("length", [8, 32, 128, 512])
+def test_softmax_error_bound(length):
+    rng = np.random.default_rng(length)
+    one = 1 << CFG.softmax_frac
+    x = np.round(rng.uniform(-20, 20, (64, length)) * one).astype(np.int64)
+    p = softmax_fixed(x, CFG)
+    assert np.abs(p / (1 << CFG.softmax_out_frac) - _softmax_float(x / one)).max() <= 1 / 256
+    # rows sum to one within one output LSB per element
+    assert (np.abs(p.sum(axis=-1) - (1 << CFG.softmax_out_frac)) <= length).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-(2**13), 2**13), min_size=1, max_size=40))
+def test_softmax_matches_scalar_reference(row):
+    assert softmax_fixed(np.array([row]), CFG)[0].tolist() == softmax_scalar(row, CFG)
+
+
+def test_softmax_equal_scores_and_masks():
+    one = 1 << CFG.softmax_out_frac
+    p = softmax_fixed(np.full((2, 16), 77), CFG)
+    assert (p == p[0, 0]).all() and abs(int(p[0, 0]) - one / 16) <= 1
+    mask = np.arange(16) < 5
+    p = softmax_fixed(np.full((1, 16), -300), CFG, mask=mask)
+    assert (p[0, 5:] == 0).all() and (p[0, :5] == p[0, 0]).all()
+    big = softmax_fixed(np.array([[10**6, -(10**6), 0, 0]]), CFG)  # saturated scores
+    assert big[0].tolist() == [one, 0, 0, 0]
+    with pytest.raises(ValueError, match="a row has no unmasked element"):
+        softmax_fixed(np.zeros((1, 4)), CFG, mask=np.zeros(4, dtype=bool))
+
+
+def test_softmax_block_wrapper():
+    rng = np.random.default_rng(2)
+    s = encode(rng.standard_normal((3, 64)) * 4, CFG.act_format)
+    p = softmax(s, CFG)
+    step = np.ldexp(1.0, p.block_exp())
+    assert (np.abs(p.decode() - _softmax_float(s.decode())) <= step / 2 + 1 / 256).all()
+
+
+def _ln_float(v, scale, eps):
+    x = np.ldexp(v.astype(np.float64), scale)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("magnitude", [3, 100, 5000, CFG.add_bound // 4])
+def test_layernorm_error_bound(magnitude):
+    rng = np.random.default_rng(magnitude)
+    v = np.clip(np.round(rng.standard_normal((32, 384)) * magnitude), -CFG.add_bound, CFG.add_bound).astype(np.int64)
+    v[0, 3] = CFG.add_bound  # outlier feature
+    v[1] = 5 + (np.arange(384) % 3 == 0)  # near-constant row
+    scale = np.full(32, -12)
+    y = layernorm_fixed(Fixed(v, scale), CFG) / (1 << CFG.ln_frac)
+    assert np.abs(y - _ln_float(v, -12, CFG.ln_eps)).max() <= 1 / 64
+
+
+def test_layernorm_constant_row_gives_beta_exactly():
+    rng = np.random.default_rng(9)
+    gamma = encode(rng.uniform(0.5, 2, 64), CFG.vector_format)
+    beta = encode(rng.standard_normal(64), CFG.vector_format)
+    v = np.full((2, 64), 1234, dtype=np.int64)
+    y = layernorm_fixed(Fixed(v, np.array([-10, -10])), CFG)
+    assert not y.any()
+    out = layernorm(Fixed(v, np.array([-10, -10])), gamma, beta, CFG)
+    assert out == encode(np.tile(beta.decode(), (2, 1)), CFG.act_format)
+
+
+def test_layernorm_is_scale_invariant_exactly_without_eps():
+    cfg = CFG.replace(ln_eps=0.0)
+    rng = np.random.default_rng(10)
+    v = rng.integers(-5000, 5000, (8, 128))
+    a = layernorm_fixed(Fixed(v, np.full(8, -9)), cfg)
+    b = layernorm_fixed(Fixed(4 * v, np.full(8, -11)), cfg)
+    assert np.array_equal(a, b)
+
+
+def test_layernorm_eps_matters_at_its_scale():
+    cfg = CFG.replace(ln_eps=1e-2)
+    v = np.array([[1, -1] * 16])  # variance 1 unit**2 -> 2**-20 at scale -10: eps dominates
+    y = layernorm_fixed(Fixed(v, np.array([-10])), cfg) / (1 << cfg.ln_frac)
+    ref = _ln_float(v, -10, 1e-2)
+    assert np.abs(y - ref).max() <= 1 / 256 and np.abs(y).max() < 0.02
+
+
+def test_layernorm_block_wrapper_and_errors():
+    rng = np.random.default_rng(11)
+    v = rng.integers(-3000, 3000, (4, 64))
+    gamma = encode(rng.uniform(0.5, 2, 64), CFG.vector_format)
+    beta = encode(rng.standard_normal(64) * 0.1, CFG.vector_format)
+    out = layernorm(Fixed(v, np.full(4, -8)), gamma, beta, CFG)
+    ref = _ln_float(v, -8, CFG.ln_eps) * gamma.decode() + beta.decode()
+    step = np.ldexp(1.0, out.block_exp())
+    assert (np.abs(out.decode() - ref) <= step / 2 + 0.02).all()
+    with pytest.raises(ValueError, match=r"LayerNorm gamma must be a \(64,\) tensor"):
+        layernorm(Fixed(v, np.full(4, -8)), encode(np.ones(32), CFG.vector_format), beta, CFG)
+    with pytest.raises(ConfigError, match="LayerNorm width 48 is not a multiple of block_size 32"):
+        layernorm_fixed(Fixed(np.ones((1, 48), dtype=np.int64), np.zeros(1)), CFG)
+    with pytest.raises(ValueError, match="exceeds the config's bound"):
+        layernorm_fixed(Fixed(np.full((1, 32), CFG.add_bound + 1), np.zeros(1)), CFG)
