@@ -1,6 +1,12 @@
 """Test-suite settings: deterministic hypothesis, nothing written into the working directory."""
 
+import tempfile
+
 from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# hypothesis keeps a small cache of constants; keep it out of the working directory
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="bct-hypothesis-"))
 
 # derandomize: hypothesis draws from a fixed seed, so every run checks the same examples;
 # database=None: no .hypothesis/ folder in the working directory.
