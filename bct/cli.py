@@ -14,7 +14,9 @@ __all__ = ["main"]
 
 
 def _parse_value(field: dataclasses.Field, text: str):
-    if field.type in ("int", int):
+    if "None" in str(field.type) and text.lower() == "none":
+        return None
+    if str(field.type).startswith("int"):
         return int(text)
     if field.type in ("float", float):
         return float(text)

@@ -90,14 +90,20 @@ class Config:
     Parameters
     ----------
     block_size : int
-        Elements per block along the reduction axis for weights and activations (power of two,
-        8..128).
+        Elements per block along the reduction axis of activations and vectors (power of two,
+        8..128); the K-block of the matmul array.
+    weight_block_size : int or None
+        Elements per block of weight matrices and embedding tables: a multiple of
+        ``block_size`` up to 1024 (larger weight blocks amortise their exponent); ``None`` means
+        ``block_size``.
     weight_bits, act_bits : int
         Integer width of weight / activation blocks (2..16).
     vector_bits : int
         Integer width of the block-format vectors (biases, LayerNorm gamma and beta).
     exp_bits : int
-        Width of every shared exponent (signed; 2..10).
+        Width of the shared exponents of activations and vectors (signed; 2..10).
+    weight_exp_bits : int or None
+        Width of the weights' shared exponents; ``None`` means ``exp_bits``.
     acc_guard_bits : int
         Fractional guard bits kept below the largest block product when per-block partial sums
         are aligned into the matmul accumulator (see docs/arithmetic.md).
@@ -134,10 +140,12 @@ class Config:
     """
 
     block_size: int = 32
+    weight_block_size: int | None = None
     weight_bits: int = 8
     act_bits: int = 8
     vector_bits: int = 8
     exp_bits: int = 8
+    weight_exp_bits: int | None = None
     acc_guard_bits: int = 8
     max_reduction: int = 4096
     gelu_frac: int = 8
@@ -167,6 +175,14 @@ class Config:
         for name in ("weight_bits", "act_bits", "vector_bits"):
             _check_int(name, getattr(self, name), 2, 16)
         _check_int("exp_bits", self.exp_bits, 2, 10)
+        if self.weight_block_size is not None:
+            _check_int("weight_block_size", self.weight_block_size, self.block_size, 1024)
+            if not _is_pow2(self.weight_block_size):
+                raise ConfigError(
+                    f"weight_block_size must be a power of two, not {self.weight_block_size}"
+                )
+        if self.weight_exp_bits is not None:
+            _check_int("weight_exp_bits", self.weight_exp_bits, 2, 10)
         _check_int("acc_guard_bits", self.acc_guard_bits, 0, 16)
         _check_int("max_reduction", self.max_reduction, self.block_size, 1 << 16)
         if self.max_reduction % self.block_size:
@@ -224,7 +240,11 @@ class Config:
     @property
     def weight_format(self) -> BlockFormat:
         """Block format of weight matrices and embedding tables."""
-        return BlockFormat(self.weight_bits, self.block_size, self.exp_bits)
+        return BlockFormat(
+            self.weight_bits,
+            self.weight_block_size or self.block_size,
+            self.weight_exp_bits or self.exp_bits,
+        )
 
     @property
     def act_format(self) -> BlockFormat:

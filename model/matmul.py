@@ -42,6 +42,13 @@ class Fixed(NamedTuple):
     scale: np.ndarray
 
 
+def _act_blocks(w: BlockTensor, B: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mantissas (N, K // B, B) and exponents (N, K // B) of ``w`` at the activation block size
+    ``B`` (a weight block of ``k * B`` elements is ``k`` blocks sharing its exponent)."""
+    k = w.fmt.block // B
+    return w.mant.reshape(w.shape[0], -1, B), np.repeat(w.exp, k, axis=1)
+
+
 def _check_operands(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cfg: Config):
     if x.fmt != cfg.act_format:
         raise ConfigError(f"left operand format {x.fmt} is not the config's activation format")
@@ -89,10 +96,11 @@ def matmul(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
     # s = scale[m] - ex[m,j] - ew[n,j] = sx[m,j] + sw[n,j] with sx >= -G, sw >= 0. Folding 2**-sx
     # into X and 2**-sw into W makes each block's float64 dot product exactly P * 2**-s
     # (power-of-two factors, |P| < 2**37). Shifts are clamped where the term is 0 anyway.
+    wm, we = _act_blocks(w, x.fmt.block)
     sx = np.minimum(scale[:, None] - x.exp - w.exp.max(), _SHIFT_CLAMP)  # (M, nb)
-    sw = np.minimum(w.exp.max() - w.exp, _SHIFT_CLAMP)  # (N, nb)
+    sw = np.minimum(w.exp.max() - we, _SHIFT_CLAMP)  # (N, nb)
     xs = np.ldexp(x.blocks.astype(np.float64), -sx[:, :, None]).transpose(1, 0, 2)  # (nb, M, B)
-    ws = np.ldexp(w.blocks.astype(np.float64), -sw[:, :, None]).transpose(1, 2, 0)  # (nb, B, N)
+    ws = np.ldexp(wm.astype(np.float64), -sw[:, :, None]).transpose(1, 2, 0)  # (nb, B, N)
     M, N = x.shape[0], w.shape[0]
     acc = np.empty((M, N), dtype=np.int64)
     for r0 in range(0, M, _ROW_CHUNK):
@@ -116,7 +124,7 @@ def matmul_pyint(
     _check_operands(x, w, bias, cfg)
     B, G = cfg.block_size, cfg.acc_guard_bits
     xm, xe = x.mant.tolist(), x.exp.tolist()
-    wm, we = w.mant.tolist(), w.exp.tolist()
+    wm, we = w.mant.tolist(), _act_blocks(w, B)[1].tolist()
     ew_max = max(max(r) for r in we)
     bm = bias.mant.tolist() if bias is not None else None
     be = bias.exp.tolist() if bias is not None else None

@@ -14,6 +14,14 @@ def test_defaults_and_derived_widths():
     assert c.block_product_bits == (32 * 127 * 127).bit_length() + 1
 
 
+def test_weight_format_defaults_to_activation_block_and_exponent():
+    c = Config(block_size=16)
+    assert c.weight_format.block == 16 and c.weight_format.exp_bits == 8
+    c = Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)
+    assert c.weight_format.bits_per_value == 4 + 6 / 128 and c.act_format.block == 32
+    assert 32 / c.weight_format.bits_per_value > 7.9
+
+
 def test_hash_is_stable_and_content_based():
     a, b = Config(), Config()
     assert a.hash == b.hash and len(a.hash) == 16
@@ -40,6 +48,9 @@ def test_check_hash_refuses_mismatch():
         ({"act_bits": 17}, "act_bits must be in 2..16, not 17"),
         ({"vector_bits": True}, "vector_bits must be an int, not bool"),
         ({"exp_bits": 11}, "exp_bits must be in 2..10, not 11"),
+        ({"weight_block_size": 16}, "weight_block_size must be in 32..1024, not 16"),
+        ({"weight_block_size": 96}, "weight_block_size must be a power of two, not 96"),
+        ({"weight_exp_bits": 1}, "weight_exp_bits must be in 2..10, not 1"),
         ({"acc_guard_bits": -1}, "acc_guard_bits must be in 0..16, not -1"),
         ({"max_reduction": 100}, "max_reduction 100 is not a multiple of block_size 32"),
         ({"gelu_segments": 48}, "gelu_segments must be a power of two, not 48"),

@@ -12,6 +12,7 @@ CONFIGS = [
     Config(weight_bits=4, block_size=16),
     Config(weight_bits=4, act_bits=6, block_size=128, acc_guard_bits=4),
     Config(block_size=8, acc_guard_bits=0, exp_bits=5),
+    Config(weight_bits=4, weight_block_size=128, weight_exp_bits=5),
 ]
 
 
@@ -38,11 +39,11 @@ def assert_same(a, b):
         )
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"w{c.weight_bits}a{c.act_bits}b{c.block_size}g{c.acc_guard_bits}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"w{c.weight_bits}a{c.act_bits}b{c.block_size}wb{c.weight_format.block}g{c.acc_guard_bits}")
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_bit_exact_against_python_ints(cfg, with_bias):
     rng = np.random.default_rng(cfg.block_size + with_bias)
-    x, w, b = _operands(cfg, 6, 2 * max(cfg.block_size, 32), 64 if cfg.block_size <= 32 else 128, rng)
+    x, w, b = _operands(cfg, 6, 2 * max(cfg.weight_format.block, 32), 64 if cfg.block_size <= 32 else 128, rng)
     bias = b if with_bias else None
     got, ref = matmul(x, w, cfg, bias), matmul_pyint(x, w, cfg, bias)
     assert_same(got, ref)
@@ -137,3 +138,16 @@ def test_matmul_errors():
         matmul(x, w, cfg, encode(np.ones(4 * 8), cfg.act_format.__class__(4, 32, 8)))
     with pytest.raises(ValueError, match="too many terms"):
         add(x, x, x, x, cfg=cfg)
+
+
+def test_weight_block_spanning_several_activation_blocks():
+    """A weight block of k*B elements acts as k blocks of B sharing one exponent."""
+    cfg = Config(weight_block_size=128)
+    rng = np.random.default_rng(8)
+    x, w, b = _operands(cfg, 4, 256, 32, rng)
+    assert w.fmt.block == 128 and w.exp.shape == (32, 2)
+    split = BlockTensor(w.mant, np.repeat(w.exp, 4, axis=1), cfg.act_format)
+    assert_same(matmul(x, w, cfg, b), matmul(x, split, cfg, b))
+    assert_same(matmul(x, w, cfg, b), matmul_pyint(x, w, cfg, b))
+    with pytest.raises(ValueError, match="is not a multiple of block size 128"):
+        encode(np.ones((1, 96)), cfg.weight_format)
