@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import WEIGHT_FILES, _check_dir, load_tokenizer
-from .glue import GlueError, load_task, task_spec
+from .glue import GlueError, glue_dir, load_task, task_spec
 
 __all__ = ["CACHE_ENV_VAR", "FinetuneError", "MANIFEST", "cache_root", "finetune"]
 
@@ -148,8 +148,6 @@ def finetune(
     """
     spec = task_spec(task)
     _check_args(subset, epochs, batch_size, lr, max_len, warmup, weight_decay, grad_clip)
-    from .glue import glue_dir
-
     data_root = glue_dir(data_dir)
     train_file = data_root / spec.name / "train.tsv"
     if not train_file.is_file():
