@@ -20,7 +20,7 @@ import numpy as np
 from bct.config import BlockFormat, ConfigError
 from bct.model.fixed import bit_length, round_half_away, round_shift
 
-__all__ = ["BlockTensor", "encode", "requantize", "to_fixed", "shared_exponent"]
+__all__ = ["BlockTensor", "encode", "requantize", "reblock_transposed", "to_fixed", "shared_exponent"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,98 +135,69 @@ def encode(x, fmt: BlockFormat) -> BlockTensor:
     return BlockTensor(q.reshape(x.shape), e, fmt)
 
 
-def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
-    """Encode fixed-point integers ``y * 2**scale`` into block format, integer-only.
+def _min_shift(m: np.ndarray, qmax: int) -> np.ndarray:
+    """Smallest ``sh`` with ``round_shift(m, sh) <= qmax``, i.e. ``2m < (2 qmax + 1) * 2**sh``.
 
-    This is the blockifier the hardware implements: block max, shared exponent by bit lengths,
-    one rounding shift, saturation.
-
-    Parameters
-    ----------
-    y : array_like of int64, shape (..., K)
-        ``|y| < 2**62``.
-    scale : int or array_like of int, broadcastable to ``y.shape[:-1]``
-        Power-of-two scale of ``y`` (per row).
-    fmt : BlockFormat
+    With ``L = bitlen(2m)`` and ``Q = bitlen(2 qmax + 1)`` the answer is ``L - Q`` or
+    ``L - Q + 1``; ``(2m >> (L - Q)) < 2 qmax + 1`` decides exactly (the right side is an
+    integer, so truncating the left side does not change the comparison).
     """
-    y = np.asarray(y, dtype=np.int64)
-    yb = _blocked(y, fmt.block)
-    m = np.abs(yb).max(axis=-1)
-    scale = np.broadcast_to(np.asarray(scale, dtype=np.int64), y.shape[:-1])[..., None]
-    # smallest sh with 2*m < lim * 2**sh (lim = 2*qmax + 1): with L = bitlen(2m) and
-    # Q = bitlen(lim) it is L - Q when 2m < lim << (L - Q), else L - Q + 1 (an exact test)
-    lim = 2 * fmt.qmax + 1
+    lim = 2 * qmax + 1
     v = 2 * m
     d = bit_length(v) - lim.bit_length()
     fits = np.where(
         d >= 0,
-        v < np.left_shift(np.int64(lim), np.clip(d, 0, 62)),
+        np.right_shift(v, np.clip(d, 0, 62)) < lim,
         np.left_shift(v, np.clip(-d, 0, 62)) < lim,
     )
-    sh = np.where(fits, d, d + 1)
-    e = np.where(m == 0, fmt.e_min, e)
-    return np.clip(e, fmt.e_min, fmt.e_max)
-
-
-def encode(x, fmt: BlockFormat) -> BlockTensor:
-    """Encode float values into block format along the last axis.
-
-    Parameters
-    ----------
-    x : array_like of float, shape (..., K)
-        ``K`` must be a multiple of ``fmt.block``; NaN and infinities are refused.
-    fmt : BlockFormat
-
-    Returns
-    -------
-    BlockTensor
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if not np.isfinite(x).all():
-        raise ValueError("cannot encode NaN or infinite values")
-    xb = _blocked(x, fmt.block)
-    e = shared_exponent(np.abs(xb).max(axis=-1), fmt)
-    q = round_half_away(np.ldexp(xb, -e[..., None]))
-    q = np.clip(q, -fmt.qmax, fmt.qmax)
-    return BlockTensor(q.reshape(x.shape), e, fmt)
+    return np.where(fits, d, d + 1)
 
 
 def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
     """Encode fixed-point integers ``y * 2**scale`` into block format, integer-only.
 
     This is the blockifier the hardware implements: block max, shared exponent by bit lengths,
-    one rounding shift, saturation.
+    one rounding shift, saturation. It gives exactly what :func:`encode` gives on the same values.
 
     Parameters
     ----------
     y : array_like of int64, shape (..., K)
         ``|y| < 2**62``.
-    scale : int or array_like of int, broadcastable to ``y.shape[:-1]``
-        Power-of-two scale of ``y`` (per row).
+    scale : int or array_like of int
+        Power-of-two scale of ``y``: broadcastable to ``y.shape[:-1]`` (one per row), or of
+        ``y``'s full shape (one per element, e.g. when re-blocking a transposed tensor whose
+        rows had different scales; the block exponent is then the largest of the elements'
+        smallest exponents).
     fmt : BlockFormat
     """
     y = np.asarray(y, dtype=np.int64)
     yb = _blocked(y, fmt.block)
-    m = np.abs(yb).max(axis=-1)
-    scale = np.broadcast_to(np.asarray(scale, dtype=np.int64), y.shape[:-1])[..., None]
-    # smallest sh with 2*m < (2*qmax + 1) * 2**sh, from bit lengths, then one correction step
-    lim = 2 * fmt.qmax + 1
-    sh = bit_length(2 * m) - lim.bit_length()
-    fits = np.where(sh >= 0, np.right_shift(2 * m, np.clip(sh, 0, 62)) < lim,
-                    np.left_shift(2 * m, np.clip(-sh, 0, 62)) < lim)
-    # right shift truncates: 2m >> sh < lim is necessary; exact test needs the dropped bits
-    exact_fits = np.where(
-        sh >= 0,
-        (np.right_shift(2 * m, np.clip(sh, 0, 62)) < lim - 1)
-        | ((np.right_shift(2 * m, np.clip(sh, 0, 62)) == lim - 1)),
-        fits,
-    )
-    sh = np.where(exact_fits, sh, sh + 1)
-    e = np.where(m == 0, fmt.e_min, scale + sh)
-    e = np.clip(e, fmt.e_min, fmt.e_max)
-    q = round_shift(yb, (e - scale)[..., None])
+    scale = np.asarray(scale, dtype=np.int64)
+    if scale.ndim == y.ndim and scale.ndim > 0 and scale.shape[-1] == y.shape[-1] != 1:
+        sb = _blocked(np.broadcast_to(scale, y.shape), fmt.block)
+        a = np.abs(yb)
+        e = np.where(a == 0, fmt.e_min, sb + _min_shift(a, fmt.qmax)).max(axis=-1)
+        e = np.clip(e, fmt.e_min, fmt.e_max)
+        q = round_shift(yb, e[..., None] - sb)
+    else:
+        s = np.broadcast_to(scale, y.shape[:-1])[..., None]
+        m = np.abs(yb).max(axis=-1)
+        e = np.where(m == 0, fmt.e_min, s + _min_shift(m, fmt.qmax))
+        e = np.clip(e, fmt.e_min, fmt.e_max)
+        q = round_shift(yb, (e - s)[..., None])
     q = np.clip(q, -fmt.qmax, fmt.qmax)
     return BlockTensor(q.reshape(y.shape), e, fmt)
+
+
+def reblock_transposed(t: BlockTensor, fmt: BlockFormat) -> BlockTensor:
+    """The transpose of a 2-D block tensor, blocked along its new last axis (integer-only).
+
+    Used for ``V``: produced blocked along the hidden axis, consumed by ``P V`` blocked along
+    tokens.
+    """
+    if t.mant.ndim != 2:
+        raise ValueError(f"reblock_transposed takes a 2-D tensor, not {t.shape}")
+    return requantize(t.mant.T, t.block_exp().T, fmt)
 
 
 def to_fixed(t: BlockTensor, frac: int, bits: int) -> np.ndarray:

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bct.config import BlockFormat, Config, ConfigError
-from bct.model.blocks import BlockTensor, encode, requantize, shared_exponent, to_fixed
+from bct.model.blocks import BlockTensor, encode, reblock_transposed, requantize, shared_exponent, to_fixed
 
 FORMATS = [BlockFormat(8, 32, 8), BlockFormat(4, 8, 8), BlockFormat(6, 128, 5), BlockFormat(2, 16, 4)]
 
@@ -135,3 +135,24 @@ def test_errors():
     bad = BlockTensor(np.full(32, 200, dtype=np.int64), np.zeros(1, dtype=np.int64), fmt)
     with pytest.raises(ValueError, match=r"mantissa outside \[-127, 127\]"):
         bad.check()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hnp.arrays(np.int64, (2, 16), elements=st.integers(-(2**40), 2**40)),
+    hnp.arrays(np.int64, (2, 16), elements=st.integers(-140, 30)),
+)
+def test_requantize_per_element_scale_equals_float_encode(y, scale):
+    fmt = BlockFormat(8, 8, 8)
+    assert requantize(y, scale, fmt) == encode(np.ldexp(y.astype(np.float64), scale), fmt)
+
+
+def test_reblock_transposed_matches_float_encode_of_the_transpose():
+    fmt = Config().act_format
+    rng = np.random.default_rng(12)
+    v = encode(rng.standard_normal((64, 96)) * np.exp(rng.uniform(-3, 3, (64, 1))), fmt)
+    t = reblock_transposed(v, fmt)
+    assert t.shape == (96, 64) and t.exp.shape == (96, 2)
+    assert t == encode(v.decode().T, fmt)
+    with pytest.raises(ValueError, match="takes a 2-D tensor"):
+        reblock_transposed(encode(np.ones((2, 2, 32)), fmt), fmt)
