@@ -80,3 +80,17 @@ def wrap_signed(value: int, width: int) -> int:
         ``value`` modulo ``2**width``, reinterpreted as signed.
     """
     return unpack_signed(value, width, 1)[0]
+
+
+def pack_block(mant: Iterable[int], exp: int, bits: int, exp_bits: int) -> int:
+    """One block as the payload integer of :func:`bct.hw.layouts.block_layout`: the mantissas
+    (``bits`` wide each) from bit 0, the exponent (``exp_bits`` wide) above them."""
+    mant = list(mant)
+    return pack_signed(mant, bits) | (pack_signed([exp], exp_bits) << (bits * len(mant)))
+
+
+def unpack_block(word: int, bits: int, exp_bits: int, block: int) -> tuple[list[int], int]:
+    """Inverse of :func:`pack_block`: ``(mantissas, exponent)``."""
+    mant = unpack_signed(word, bits, block)
+    (exp,) = unpack_signed(word >> (bits * block), exp_bits, 1)
+    return mant, exp
