@@ -43,10 +43,10 @@ class Fixed(NamedTuple):
 
 
 def _act_blocks(w: BlockTensor, B: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mantissas (N, K // B, B) and exponents (N, K // B) of ``w`` at the activation block size
-    ``B`` (a weight block of ``k * B`` elements is ``k`` blocks sharing its exponent)."""
+    """Mantissas (..., N, K // B, B) and exponents (..., N, K // B) of ``w`` at the activation
+    block size ``B`` (a weight block of ``k * B`` elements is ``k`` blocks sharing its exponent)."""
     k = w.fmt.block // B
-    return w.mant.reshape(w.shape[0], -1, B), np.repeat(w.exp, k, axis=1)
+    return w.mant.reshape(w.shape[:-1] + (-1, B)), np.repeat(w.exp, k, axis=-1)
 
 
 def _check_operands(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cfg: Config):
@@ -54,20 +54,22 @@ def _check_operands(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cf
         raise ConfigError(f"left operand format {x.fmt} is not the config's activation format")
     if w.fmt not in (cfg.weight_format, cfg.act_format):
         raise ConfigError(f"right operand format {w.fmt} is neither the weight nor the activation format")
-    if x.mant.ndim != 2 or w.mant.ndim != 2:
-        raise ValueError(f"matmul takes 2-D operands, not {x.shape} and {w.shape}")
-    if x.shape[1] != w.shape[1]:
+    if x.mant.ndim < 2 or w.mant.ndim < 2:
+        raise ValueError(f"matmul takes operands of at least 2 dimensions, not {x.shape} and {w.shape}")
+    if x.shape[-1] != w.shape[-1]:
         raise ValueError(f"reduction lengths differ: {x.shape} and {w.shape}")
-    cfg.check_reduction(x.shape[1])
+    if x.shape[:-2] != w.shape[:-2]:
+        raise ValueError(f"batch dimensions differ: {x.shape} and {w.shape}")
+    cfg.check_reduction(x.shape[-1])
     if bias is not None:
         if bias.fmt != cfg.vector_format:
             raise ConfigError(f"bias format {bias.fmt} is not the config's vector format")
-        if bias.shape != (w.shape[0],):
-            raise ValueError(f"bias shape {bias.shape} does not match {w.shape[0]} outputs")
+        if bias.shape != (w.shape[-2],):
+            raise ValueError(f"bias shape {bias.shape} does not match {w.shape[-2]} outputs")
 
 
 def _scale(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cfg: Config) -> np.ndarray:
-    top = x.exp.max(axis=-1) + w.exp.max()
+    top = x.exp.max(axis=-1) + w.exp.max(axis=(-2, -1))[..., None]
     if bias is not None:
         top = np.maximum(top, bias.exp.max())
     return (top - cfg.acc_guard_bits).astype(np.int64)
@@ -78,10 +80,11 @@ def matmul(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
 
     Parameters
     ----------
-    x : BlockTensor, shape (M, K)
+    x : BlockTensor, shape (..., M, K)
         Activations, in ``cfg.act_format``.
-    w : BlockTensor, shape (N, K)
-        Weights (``cfg.weight_format``) or activations (``cfg.act_format``).
+    w : BlockTensor, shape (..., N, K)
+        Weights (``cfg.weight_format``) or activations (``cfg.act_format``); leading (batch)
+        dimensions equal to ``x``'s: each batch element is an independent matmul.
     cfg : Config
     bias : BlockTensor, shape (N,), optional
         In ``cfg.vector_format`` (blocked along N).
@@ -89,7 +92,8 @@ def matmul(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
     Returns
     -------
     Fixed
-        ``value`` int64 (M, N), exactly ``|value| <= cfg.acc_bound``; ``scale`` int64 (M,).
+        ``value`` int64 (..., M, N), exactly ``|value| <= cfg.acc_bound``; ``scale`` int64
+        (..., M).
     """
     _check_operands(x, w, bias, cfg)
     scale = _scale(x, w, bias, cfg)
@@ -97,31 +101,34 @@ def matmul(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
     # into X and 2**-sw into W makes each block's float64 dot product exactly P * 2**-s
     # (power-of-two factors, |P| < 2**37). Shifts are clamped where the term is 0 anyway.
     wm, we = _act_blocks(w, x.fmt.block)
-    sx = np.minimum(scale[:, None] - x.exp - w.exp.max(), _SHIFT_CLAMP)  # (M, nb)
-    sw = np.minimum(w.exp.max() - we, _SHIFT_CLAMP)  # (N, nb)
-    xs = np.ldexp(x.blocks.astype(np.float64), -sx[:, :, None]).transpose(1, 0, 2)  # (nb, M, B)
-    ws = np.ldexp(wm.astype(np.float64), -sw[:, :, None]).transpose(1, 2, 0)  # (nb, B, N)
-    M, N = x.shape[0], w.shape[0]
-    acc = np.empty((M, N), dtype=np.int64)
+    ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
+    sx = np.minimum(scale[..., None] - x.exp - ew_max, _SHIFT_CLAMP)  # (..., M, nb)
+    sw = np.minimum(ew_max - we, _SHIFT_CLAMP)  # (..., N, nb)
+    xs = np.swapaxes(np.ldexp(x.blocks.astype(np.float64), -sx[..., None]), -3, -2)  # (..., nb, M, B)
+    ws = np.moveaxis(np.ldexp(wm.astype(np.float64), -sw[..., None]), -3, -1)  # (..., nb, B, N)
+    M, N = x.shape[-2], w.shape[-2]
+    acc = np.empty(x.shape[:-1] + (N,), dtype=np.int64)
     for r0 in range(0, M, _ROW_CHUNK):
         rows = slice(r0, min(M, r0 + _ROW_CHUNK))
-        y = np.matmul(xs[:, rows], ws)  # (nb, m, N): P * 2**-s, exact
+        y = np.matmul(xs[..., rows, :], ws)  # (..., nb, m, N): P * 2**-s, exact
         # RHAZ as trunc(y +- 1/2): exact here because y has at most 37 significant bits
         y += np.copysign(0.5, y)
         np.trunc(y, out=y)
-        acc[rows] = y.sum(axis=0).astype(np.int64)  # integer partial sums < 2**53: exact
+        acc[..., rows, :] = y.sum(axis=-3).astype(np.int64)  # integer sums < 2**53: exact
     if bias is not None:
-        acc += round_shift(bias.blocks, scale[:, None, None] - bias.exp[None, :, None]).reshape(
-            M, N
-        )
+        shift = scale[..., None, None] - bias.exp[:, None]  # (..., M, nbN, 1)
+        acc += round_shift(bias.blocks, shift).reshape(acc.shape)
     return Fixed(acc, scale)
 
 
 def matmul_pyint(
     x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None = None
 ) -> Fixed:
-    """:func:`matmul` written with plain Python ints, one block at a time (the test oracle)."""
+    """:func:`matmul` written with plain Python ints, one block at a time (the test oracle);
+    2-D operands only."""
     _check_operands(x, w, bias, cfg)
+    if x.mant.ndim != 2:
+        raise ValueError("matmul_pyint takes 2-D operands")
     B, G = cfg.block_size, cfg.acc_guard_bits
     xm, xe = x.mant.tolist(), x.exp.tolist()
     wm, we = w.mant.tolist(), _act_blocks(w, B)[1].tolist()

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode
-from bct.model.matmul import add, linear, matmul, matmul_pyint
+from bct.model.matmul import Fixed, add, linear, matmul, matmul_pyint
 
 CONFIGS = [
     Config(),
@@ -151,3 +151,19 @@ def test_weight_block_spanning_several_activation_blocks():
     assert_same(matmul(x, w, cfg, b), matmul_pyint(x, w, cfg, b))
     with pytest.raises(ValueError, match="is not a multiple of block size 128"):
         encode(np.ones((1, 96)), cfg.weight_format)
+
+
+def test_batched_matmul_equals_each_slice():
+    cfg = Config()
+    rng = np.random.default_rng(13)
+    X = rng.standard_normal((3, 2, 5, 64)) * np.exp(rng.standard_normal((3, 2, 5, 64)))
+    W = rng.standard_normal((3, 2, 32, 64))
+    x, w = encode(X, cfg.act_format), encode(W, cfg.act_format)
+    b = encode(rng.standard_normal(32), cfg.vector_format)
+    got = matmul(x, w, cfg, b)
+    assert got.value.shape == (3, 2, 5, 32) and got.scale.shape == (3, 2, 5)
+    for i in range(3):
+        for j in range(2):
+            assert_same(Fixed(got.value[i, j], got.scale[i, j]), matmul_pyint(x[i, j], w[i, j], cfg, b))
+    with pytest.raises(ValueError, match="batch dimensions differ"):
+        matmul(x, w[:2], cfg)
