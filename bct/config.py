@@ -282,8 +282,9 @@ class Config:
 
     @property
     def add_bound(self) -> int:
-        """Largest magnitude of a sum of up to :data:`MAX_ADD_TERMS` aligned activations."""
-        return (MAX_ADD_TERMS * self.act_format.qmax) << self.acc_guard_bits
+        """Largest magnitude of a sum of up to :data:`MAX_ADD_TERMS` aligned activations (or
+        embedding rows, stored in the weight format)."""
+        return (MAX_ADD_TERMS * self.operand_qmax) << self.acc_guard_bits
 
     @property
     def add_bits(self) -> int:

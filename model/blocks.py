@@ -190,14 +190,14 @@ def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
 
 
 def reblock_transposed(t: BlockTensor, fmt: BlockFormat) -> BlockTensor:
-    """The transpose of a 2-D block tensor, blocked along its new last axis (integer-only).
+    """Swap the last two axes, re-blocking along the new last axis (integer-only).
 
     Used for ``V``: produced blocked along the hidden axis, consumed by ``P V`` blocked along
     tokens.
     """
-    if t.mant.ndim != 2:
-        raise ValueError(f"reblock_transposed takes a 2-D tensor, not {t.shape}")
-    return requantize(t.mant.T, t.block_exp().T, fmt)
+    if t.mant.ndim < 2:
+        raise ValueError(f"reblock_transposed takes a tensor of 2 or more dimensions, not {t.shape}")
+    return requantize(np.swapaxes(t.mant, -1, -2), np.swapaxes(t.block_exp(), -1, -2), fmt)
 
 
 def to_fixed(t: BlockTensor, frac: int, bits: int) -> np.ndarray:

@@ -168,14 +168,17 @@ def add(*terms: BlockTensor, cfg: Config) -> Fixed:
     ``max(row exponents) - G``.
 
     Each operand becomes ``round_shift(q, scale - e)`` with ``scale - e >= -G``, so
-    ``|value| <= terms * qmax * 2**G <= Config.add_bound``.
+    ``|value| <= terms * qmax * 2**G <= Config.add_bound``. Operands are activations or
+    embedding rows (weight format).
     """
     if not 1 <= len(terms) <= MAX_ADD_TERMS:
         raise ValueError(f"add takes 1..{MAX_ADD_TERMS} terms, not {len(terms)} (too many terms)")
     first = terms[0]
-    for t in terms[1:]:
+    for t in terms:
         if t.shape != first.shape or t.fmt != first.fmt:
             raise ValueError(f"cannot add {first.shape} {first.fmt} and {t.shape} {t.fmt}")
+        if t.fmt not in (cfg.act_format, cfg.weight_format):
+            raise ConfigError(f"add operand format {t.fmt} is neither the activation nor the weight format")
     top = np.max([t.exp.max(axis=-1) for t in terms], axis=0)
     scale = (top - cfg.acc_guard_bits).astype(np.int64)
     s = scale[..., None, None]

@@ -20,7 +20,9 @@ __all__ = [
     "gelu",
     "softmax_fixed",
     "softmax",
+    "tanh_fixed",
     "layernorm_fixed",
+    "layernorm_affine",
     "layernorm",
 ]
 
@@ -107,6 +109,24 @@ def softmax(t: BlockTensor, cfg: Config, mask=None) -> BlockTensor:
     x = to_fixed(t, cfg.softmax_frac, cfg.softmax_bits)
     p = softmax_fixed(x, cfg, mask)
     return requantize(p, -cfg.softmax_out_frac, cfg.act_format)
+
+
+def tanh_fixed(x, cfg: Config) -> np.ndarray:
+    """``tanh`` of fixed-point integers (``cfg.softmax_frac`` fraction bits in, saturated to
+    ``cfg.softmax_bits``; ``cfg.softmax_out_frac`` out), sharing the softmax unit's exp2 LUT.
+
+    ``tanh(|x|) = (1 - t) / (1 + t)`` with ``t = e**(-2|x|) = 2**(-2|x| log2 e)`` from the LUT
+    and a shift, one rounding division; odd symmetry restores the sign. Used by the BERT pooler.
+    """
+    c = derive(cfg)
+    lim = (1 << (cfg.softmax_bits - 1)) - 1
+    x = np.clip(np.asarray(x, dtype=np.int64), -lim, lim)
+    u = round_shift(2 * np.abs(x) * c.log2e, LOG2E_FRAC)
+    one = np.int64(1) << cfg.softmax_exp_frac
+    t = round_shift(np.asarray(c.exp2_lut, dtype=np.int64)[u & ((1 << cfg.softmax_frac) - 1)],
+                    np.right_shift(u, cfg.softmax_frac))
+    y = round_div((one - t) << cfg.softmax_out_frac, one + t)
+    return np.where(x < 0, -y, y)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from bct.model.nonlinear import (
     layernorm_fixed,
     softmax,
     softmax_fixed,
+    tanh_fixed,
 )
 
 CFG = Config()
@@ -189,3 +190,13 @@ def test_layernorm_block_wrapper_and_errors():
         layernorm_fixed(Fixed(np.ones((1, 48), dtype=np.int64), np.zeros(1)), CFG)
     with pytest.raises(ValueError, match="exceeds the config's bound"):
         layernorm_fixed(Fixed(np.full((1, 32), CFG.add_bound + 1), np.zeros(1)), CFG)
+
+
+def test_tanh_error_and_symmetry():
+    one = 1 << CFG.softmax_frac
+    x = np.arange(-12 * one, 12 * one + 1)
+    y = tanh_fixed(x, CFG)
+    assert np.array_equal(y, -y[::-1])  # odd
+    err = np.abs(y / (1 << CFG.softmax_out_frac) - np.tanh(x / one)).max()
+    assert err <= 1 / 1024
+    assert tanh_fixed(np.array([0, 10**9]), CFG).tolist() == [0, 1 << CFG.softmax_out_frac]
