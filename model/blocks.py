@@ -178,13 +178,13 @@ def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
         a = np.abs(yb)
         e = np.where(a == 0, fmt.e_min, sb + _min_shift(a, fmt.qmax)).max(axis=-1)
         e = np.clip(e, fmt.e_min, fmt.e_max)
-        q = round_shift(yb, e[..., None] - sb)
+        q = round_shift(yb, np.maximum(e[..., None] - sb, -(fmt.bits + 1)))
     else:
         s = np.broadcast_to(scale, y.shape[:-1])[..., None]
         m = np.abs(yb).max(axis=-1)
         e = np.where(m == 0, fmt.e_min, s + _min_shift(m, fmt.qmax))
         e = np.clip(e, fmt.e_min, fmt.e_max)
-        q = round_shift(yb, (e - s)[..., None])
+        q = round_shift(yb, np.maximum(e - s, -(fmt.bits + 1))[..., None])
     q = np.clip(q, -fmt.qmax, fmt.qmax)
     return BlockTensor(q.reshape(y.shape), e, fmt)
 
@@ -204,8 +204,9 @@ def to_fixed(t: BlockTensor, frac: int, bits: int) -> np.ndarray:
     """Convert to fixed point with ``frac`` fraction bits, saturated to signed ``bits`` bits.
 
     ``round(mant * 2**(exp + frac))`` with the project's rounding; exact whenever
-    ``exp >= -frac``.
+    ``exp >= -frac``. (A left shift past ``bits`` saturates any non-zero lane, so it is clamped
+    there: int64 never wraps.)
     """
-    x = round_shift(t.blocks, -(t.exp[..., None] + frac))
+    x = round_shift(t.blocks, np.maximum(-(t.exp[..., None] + frac), -bits))
     m = (1 << (bits - 1)) - 1
     return np.clip(x, -m, m).reshape(t.shape)

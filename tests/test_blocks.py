@@ -156,3 +156,12 @@ def test_reblock_transposed_matches_float_encode_of_the_transpose():
     assert t == encode(v.decode().T, fmt)
     with pytest.raises(ValueError, match="takes a tensor of 2 or more dimensions"):
         reblock_transposed(encode(np.ones(32), fmt), fmt)
+
+
+def test_huge_scales_saturate_instead_of_wrapping():
+    fmt = Config().act_format
+    y = np.array([[3, -1] + [0] * (fmt.block - 2)])
+    big = requantize(y, fmt.e_max + 70, fmt)
+    assert big.exp.tolist() == [[fmt.e_max]] and big.mant[0, :3].tolist() == [fmt.qmax, -fmt.qmax, 0]
+    t = BlockTensor(y.astype(np.int64), np.array([[fmt.e_max]]), fmt)
+    assert to_fixed(t, 8, 17)[0, :3].tolist() == [2**16 - 1, -(2**16 - 1), 0]

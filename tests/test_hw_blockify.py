@@ -61,14 +61,6 @@ def pack_input(y, scale: int, in_width: int, scale_bits: int) -> int:
     return pack_signed(y, in_width) | pack_signed([scale], scale_bits) << (in_width * len(y))
 
 
-def model_scale(scale, fmt):
-    """The scale handed to the model: at or above ``e_max + bitlen(qmax)`` every non-zero lane
-    saturates at ``e = e_max`` whatever the scale, so larger scales are replaced by that one.
-    Needed because `requantize` left-shifts in int64 and wraps for larger scales (see
-    `test_model_left_shift_wraps`)."""
-    return np.minimum(scale, fmt.e_max + fmt.qmax.bit_length())
-
-
 def stimulus(fmt, in_width: int, scale_bits: int, rng: np.random.Generator):
     """Random blocks and the edge cases; returns ``(y, scale)``: shape (n, B) and (n,)."""
     B, q = fmt.block, fmt.qmax
@@ -106,7 +98,7 @@ def test_blockifier_matches_model(cfg, which, in_width, scale_bits, seed, tmp_pa
     fmt = getattr(cfg, which)
     print(f"stimulus seed {seed}, cocotb seed {seed}")
     y, scale = stimulus(fmt, in_width, scale_bits, np.random.default_rng(seed))
-    want = requantize(y, model_scale(scale, fmt), fmt)
+    want = requantize(y, scale, fmt)
     q, e = want.mant, want.exp[:, 0]
     # the stimulus reaches every corner of the exponent logic
     assert (np.abs(q[e == fmt.e_max]) == fmt.qmax).any()
@@ -121,16 +113,6 @@ def test_blockifier_matches_model(cfg, which, in_width, scale_bits, seed, tmp_pa
                   **STALLS)
     run(Blockifier(cfg, in_width, scale_bits, fmt), TB_DIR / "tb_blockify.py", name="blockify",
         params=params, seed=seed, config_hash=cfg.hash, build_args=BUILD_ARGS)
-
-
-@pytest.mark.xfail(strict=True, reason="bct.model.blocks.requantize wraps int64 left shifts")
-def test_model_left_shift_wraps():
-    """Why `model_scale` exists: mathematically both blocks saturate to +qmax at e_max. When the
-    model is fixed this test passes (strict xfail fails) and `model_scale` can go."""
-    fmt = Config().act_format
-    y = np.array([[3] + [0] * (fmt.block - 1)])
-    big = requantize(y, fmt.e_max + 70, fmt)
-    assert big == requantize(y, model_scale(fmt.e_max + 70, fmt), fmt)
 
 
 def test_blockifier_parameter_checks():

@@ -52,14 +52,6 @@ def real_inputs():
     return blocks
 
 
-def model_exp(exp, cfg):
-    """The exponent handed to the model: from ``e = gelu_int_bits`` on, every non-zero lane
-    saturates in ``to_fixed`` whatever the exponent, so larger exponents are replaced by that
-    one. Needed because `to_fixed` left-shifts in int64 and wraps for larger exponents (see
-    `test_model_left_shift_wraps`)."""
-    return np.minimum(exp, cfg.gelu_int_bits)
-
-
 def stimulus(cfg, rng: np.random.Generator):
     """Random blocks and the edge cases; returns ``(mant, exp)``: shape (n, B) and (n,)."""
     fmt, B = cfg.act_format, cfg.block_size
@@ -100,7 +92,7 @@ def test_gelu_matches_model(cfg, seed, real_inputs, tmp_path):
     mant, exp = stimulus(cfg, np.random.default_rng(seed))
     real_mant, real_exp = real_inputs(cfg)
     mant, exp = np.concatenate([mant, real_mant]), np.concatenate([exp, real_exp])
-    want = gelu(BlockTensor(mant.copy(), model_exp(exp, cfg)[:, None], fmt), cfg)
+    want = gelu(BlockTensor(mant.copy(), exp[:, None], fmt), cfg)
     # the output side reaches the exponent clamp and saturation too
     assert fmt.e_min in want.exp and (np.abs(want.mant) == fmt.qmax).any()
     vectors = {
@@ -115,18 +107,6 @@ def test_gelu_matches_model(cfg, seed, real_inputs, tmp_path):
                   **STALLS)
     run(GeluUnit(cfg), TB_DIR / "tb_gelu.py", name="gelu", params=params, seed=seed,
         config_hash=cfg.hash, build_args=BUILD_ARGS)
-
-
-@pytest.mark.xfail(strict=True, reason="bct.model.blocks.to_fixed wraps int64 left shifts")
-def test_model_left_shift_wraps():
-    """Why `model_exp` exists: mathematically both blocks saturate to the largest input. When
-    the model is fixed this test passes (strict xfail fails) and `model_exp` can go."""
-    cfg = Config()
-    fmt = cfg.act_format
-    mant = np.array([[3] + [0] * (fmt.block - 1)])
-    at = [fmt.e_max, model_exp(fmt.e_max, cfg)]
-    a, b = (gelu(BlockTensor(mant, np.array([[e]]), fmt), cfg) for e in at)
-    assert a == b
 
 
 def test_gelu_parameter_check_and_lint(tmp_path):
