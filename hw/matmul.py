@@ -36,7 +36,7 @@ from amaranth.lib.wiring import In, Out
 
 from bct.config import Config
 from bct.model.blocks import BlockTensor
-from bct.model.matmul import _act_blocks, _check_operands, _scale
+from bct.model.matmul import act_blocks, check_operands, row_scale
 
 __all__ = ["MatmulArray", "Shifts", "shifts", "tile_payloads"]
 
@@ -90,15 +90,15 @@ def shifts(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
         The block term of ``(m, n, j)`` is ``round_shift(P * 2**G, act[m, j] + weight[n, j])``
         and the bias term ``round_shift(qb[n] * 2**G, bias_row[m] + bias_col[n])``.
     """
-    _check_operands(x, w, bias, cfg)
+    check_operands(x, w, bias, cfg)
     if x.mant.ndim != 2:
         raise ValueError(f"shifts takes 2-D operands (one per batch element), not {x.shape}")
     G = cfg.acc_guard_bits
     limit, bias_limit = MatmulArray.limits(cfg)
-    scale = _scale(x, w, bias, cfg)
+    scale = row_scale(x, w, bias, cfg)
     ew_max = w.exp.max()
     act = np.minimum(scale[:, None] - x.exp - ew_max + G, limit)
-    weight = np.minimum(ew_max - _act_blocks(w, cfg.block_size)[1], limit)
+    weight = np.minimum(ew_max - act_blocks(w, cfg.block_size)[1], limit)
     if bias is None:
         bias_row = np.zeros_like(scale)
         bias_col = np.zeros(w.shape[0], dtype=np.int64)

@@ -27,7 +27,9 @@ from bct.config import MAX_ADD_TERMS, Config, ConfigError
 from bct.model.blocks import BlockTensor, requantize
 from bct.model.fixed import round_shift, round_shift_int
 
-__all__ = ["Fixed", "matmul", "matmul_pyint", "linear", "add"]
+__all__ = [
+    "Fixed", "matmul", "matmul_pyint", "linear", "add", "row_scale", "act_blocks", "check_operands",
+]
 
 # Rows handled per step of the fast path (bounds the (blocks, rows, N) float64 temporary).
 _ROW_CHUNK = 256
@@ -42,14 +44,15 @@ class Fixed(NamedTuple):
     scale: np.ndarray
 
 
-def _act_blocks(w: BlockTensor, B: int) -> tuple[np.ndarray, np.ndarray]:
+def act_blocks(w: BlockTensor, B: int) -> tuple[np.ndarray, np.ndarray]:
     """Mantissas (..., N, K // B, B) and exponents (..., N, K // B) of ``w`` at the activation
     block size ``B`` (a weight block of ``k * B`` elements is ``k`` blocks sharing its exponent)."""
     k = w.fmt.block // B
     return w.mant.reshape(w.shape[:-1] + (-1, B)), np.repeat(w.exp, k, axis=-1)
 
 
-def _check_operands(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cfg: Config):
+def check_operands(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cfg: Config):
+    """Raise unless ``x @ w.T + bias`` is a valid blockwise matmul under ``cfg``."""
     if x.fmt != cfg.act_format:
         raise ConfigError(f"left operand format {x.fmt} is not the config's activation format")
     if w.fmt not in (cfg.weight_format, cfg.act_format):
@@ -68,7 +71,8 @@ def _check_operands(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cf
             raise ValueError(f"bias shape {bias.shape} does not match {w.shape[-2]} outputs")
 
 
-def _scale(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cfg: Config) -> np.ndarray:
+def row_scale(x: BlockTensor, w: BlockTensor, bias: BlockTensor | None, cfg: Config) -> np.ndarray:
+    """The accumulator scale of every output row (the hardware's host-side schedule uses it)."""
     top = x.exp.max(axis=-1) + w.exp.max(axis=(-2, -1))[..., None]
     if bias is not None:
         top = np.maximum(top, bias.exp.max())
@@ -95,12 +99,12 @@ def matmul(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
         ``value`` int64 (..., M, N), exactly ``|value| <= cfg.acc_bound``; ``scale`` int64
         (..., M).
     """
-    _check_operands(x, w, bias, cfg)
-    scale = _scale(x, w, bias, cfg)
+    check_operands(x, w, bias, cfg)
+    scale = row_scale(x, w, bias, cfg)
     # s = scale[m] - ex[m,j] - ew[n,j] = sx[m,j] + sw[n,j] with sx >= -G, sw >= 0. Folding 2**-sx
     # into X and 2**-sw into W makes each block's float64 dot product exactly P * 2**-s
     # (power-of-two factors, |P| < 2**37). Shifts are clamped where the term is 0 anyway.
-    wm, we = _act_blocks(w, x.fmt.block)
+    wm, we = act_blocks(w, x.fmt.block)
     ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
     sx = np.minimum(scale[..., None] - x.exp - ew_max, _SHIFT_CLAMP)  # (..., M, nb)
     sw = np.minimum(ew_max - we, _SHIFT_CLAMP)  # (..., N, nb)
@@ -126,12 +130,12 @@ def matmul_pyint(
 ) -> Fixed:
     """:func:`matmul` written with plain Python ints, one block at a time (the test oracle);
     2-D operands only."""
-    _check_operands(x, w, bias, cfg)
+    check_operands(x, w, bias, cfg)
     if x.mant.ndim != 2:
         raise ValueError("matmul_pyint takes 2-D operands")
     B, G = cfg.block_size, cfg.acc_guard_bits
     xm, xe = x.mant.tolist(), x.exp.tolist()
-    wm, we = w.mant.tolist(), _act_blocks(w, B)[1].tolist()
+    wm, we = w.mant.tolist(), act_blocks(w, B)[1].tolist()
     ew_max = max(max(r) for r in we)
     bm = bias.mant.tolist() if bias is not None else None
     be = bias.exp.tolist() if bias is not None else None
