@@ -143,16 +143,6 @@ def test_extreme_rows(cfg, tmp_path, empty_cwd):
     simulate(cfg, width, gamma, beta, x, scale, tmp_path, seed=23)
 
 
-@pytest.fixture
-def empty_cwd(tmp_path, monkeypatch):
-    """Run in an empty directory and check nothing was written into it."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    yield
-    assert not list(cwd.iterdir())
-
-
 # ------------------------------------------------------------------------------------------
 # Build-time checks (no simulation)
 def _affine(cfg, width):

@@ -27,16 +27,6 @@ def run_scale_add(lanes, width, module="tb_scale_add.py", **kwargs):
                **kwargs)
 
 
-@pytest.fixture
-def empty_cwd(tmp_path, monkeypatch):
-    """Run in an empty directory and check nothing was written into it."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    yield
-    assert not list(cwd.iterdir())
-
-
 @pytest.mark.parametrize("lanes, width", PARAM_SETS)
 def test_scale_add_verilator(lanes, width, empty_cwd):
     run_dir = run_scale_add(lanes, width, seed=lanes * 100 + width)
