@@ -167,23 +167,28 @@ class BertWeights:
         -------
         dict of str to numpy.ndarray
         """
-        out = {
-            "embed.word": self.word_emb,
-            "embed.position": self.pos_emb,
-            "embed.type": self.type_emb,
-            "embed.ln_g": self.emb_ln_g,
-            "embed.ln_b": self.emb_ln_b,
-        }
-        for i, layer in enumerate(self.encoder):
-            for f in fields(LayerWeights):
-                out[f"layer{i}.{f.name}"] = getattr(layer, f.name)
-        if self.pooler_w is not None:
-            out["pooler.w"] = self.pooler_w
-            out["pooler.b"] = self.pooler_b
-        if self.classifier_w is not None:
-            out["classifier.w"] = self.classifier_w
-            out["classifier.b"] = self.classifier_b
-        return out
+        return named_parameters(self)
+
+
+def named_parameters(model) -> dict:
+    """The parameters of a BERT-shaped model (float :class:`BertWeights` or its block-format
+    counterpart) under their stable names, in model order: ``embed.*``, ``layer{i}.*``,
+    ``pooler.*``, ``classifier.*``. Absent heads are left out."""
+    out = {
+        "embed.word": model.word_emb,
+        "embed.position": model.pos_emb,
+        "embed.type": model.type_emb,
+        "embed.ln_g": model.emb_ln_g,
+        "embed.ln_b": model.emb_ln_b,
+    }
+    for i, layer in enumerate(model.encoder):
+        for f in fields(layer):
+            out[f"layer{i}.{f.name}"] = getattr(layer, f.name)
+    for name in ("pooler_w", "pooler_b", "classifier_w", "classifier_b"):
+        value = getattr(model, name)
+        if value is not None:
+            out[name.replace("_", ".", 1)] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import numpy as np
 
 from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode, reblock_transposed, requantize, to_fixed
-from bct.model.checkpoint import BertWeights, Encoding
+from bct.model.checkpoint import BertWeights, Encoding, named_parameters
 from bct.model.fixed import round_div, round_shift
 from bct.model.matmul import add, linear, matmul
 from bct.model.nonlinear import gelu, layernorm, softmax, tanh_fixed
@@ -88,22 +88,8 @@ class QuantBert:
         return self.hidden // self.heads
 
     def tensors(self) -> dict[str, BlockTensor]:
-        """Every stored tensor under a stable name (the memory-image order)."""
-        out = {
-            "embed.word": self.word_emb,
-            "embed.position": self.pos_emb,
-            "embed.type": self.type_emb,
-            "embed.ln_g": self.emb_ln_g,
-            "embed.ln_b": self.emb_ln_b,
-        }
-        for i, layer in enumerate(self.encoder):
-            for f in fields(QuantLayer):
-                out[f"layer{i}.{f.name}"] = getattr(layer, f.name)
-        for name in ("pooler_w", "pooler_b", "classifier_w", "classifier_b"):
-            t = getattr(self, name)
-            if t is not None:
-                out[name.replace("_", ".", 1)] = t
-        return out
+        """Every stored tensor under the names of ``BertWeights.named_arrays`` (image order)."""
+        return named_parameters(self)
 
     def storage_bits(self) -> int:
         """Bits of every stored integer and exponent."""
