@@ -18,13 +18,10 @@ from amaranth.lib.wiring import In, Out
 
 from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor
-from bct.model.constants import derive, ln_eps_units
+from bct.model.constants import LN_D_CAP, derive, ln_eps_units
 from bct.model.fixed import round_shift
 
 __all__ = ["LayerNormUnit", "ROOT_STEPS_MAX"]
-
-#: Cap of ``D + eps'`` (mirrors the ``cap`` of :func:`bct.model.nonlinear.layernorm_fixed`).
-D_CAP = 1 << 60
 
 #: Most square-root / division iterations chained in one cycle (the timing budget of the
 #: per-row root: each is one compare-subtract of about ``ln_sqrt_bits + 3`` bits).
@@ -186,7 +183,7 @@ class LayerNormUnit(wiring.Component):
         c = derive(self.cfg)
         half = 1 << (self._scale_shape.width - 1)
         lo, hi = -half, half - 1
-        table = [ln_eps_units(c, self.width, s, D_CAP) for s in range(lo, hi + 1)]
+        table = [ln_eps_units(c, self.width, s, LN_D_CAP) for s in range(lo, hi + 1)]
         first = max((i for i, v in enumerate(table) if v == table[0]), default=0)
         last = min(i for i, v in enumerate(table) if v == table[-1])
         last = max(last, first)
@@ -231,7 +228,7 @@ class LayerNormUnit(wiring.Component):
         s1_shape = signed(_bits(N * cfg.add_bound))
         s2_shape = unsigned((N * cfg.add_bound ** 2).bit_length())
         d_shape = unsigned((N * N * cfg.add_bound ** 2).bit_length())
-        cap_bits = D_CAP.bit_length()
+        cap_bits = LN_D_CAP.bit_length()
         t_min, t_max = (1 - 2 * W) >> 1, (cap_bits - 2 * W + 1) >> 1
         sh_shape = unsigned((recip_shift - F + t_max - 1).bit_length())
         m = Module()
@@ -362,7 +359,7 @@ class LayerNormUnit(wiring.Component):
                 with m.If(pop):
                     m.next = "DIFF"
             with m.State("DIFF"):    # D' = min(N S2 - S1**2 + eps', cap)
-                m.d.sync += de.eq(Mux(d_eps > D_CAP, D_CAP, d_eps))
+                m.d.sync += de.eq(Mux(d_eps > LN_D_CAP, LN_D_CAP, d_eps))
                 m.next = "SHIFT"
             with m.State("SHIFT"):   # t and dn = round_shift(D', 2t)
                 m.d.sync += [sx.eq(dn), sr.eq(0), srem.eq(0), rt.eq(t), count.eq(0)]

@@ -14,12 +14,14 @@ from functools import lru_cache
 from bct.config import Config
 from bct.model.fixed import round_shift_int
 
-__all__ = ["Constants", "derive", "ln_eps_units", "GELU_TABLE_GUARD", "LOG2E_FRAC"]
+__all__ = ["Constants", "derive", "ln_eps_units", "GELU_TABLE_GUARD", "LOG2E_FRAC", "LN_D_CAP"]
 
 #: Extra fraction bits of the GELU correction table and its interpolation, below ``gelu_frac``.
 GELU_TABLE_GUARD = 4
 #: Fraction bits of the fixed-point ``log2(e)`` multiplier of the softmax unit.
 LOG2E_FRAC = 16
+#: Cap of LayerNorm's ``N * sum(x^2) - sum(x)^2 + eps'`` (keeps the epsilon term in int64).
+LN_D_CAP = 1 << 60
 
 
 def _round_half_away(v: float) -> int:

@@ -11,7 +11,7 @@ import numpy as np
 
 from bct.config import Config
 from bct.model.blocks import BlockTensor, requantize, to_fixed
-from bct.model.constants import LOG2E_FRAC, derive, ln_eps_units
+from bct.model.constants import LN_D_CAP, LOG2E_FRAC, derive, ln_eps_units
 from bct.model.fixed import bit_length, round_div, round_shift, sqrt_round_int
 from bct.model.matmul import Fixed
 
@@ -160,9 +160,8 @@ def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
     s2 = (v * v).sum(axis=-1, keepdims=True)
     d = N * s2 - s1 * s1
     scales = np.broadcast_to(np.asarray(x.scale, dtype=np.int64), v.shape[:-1])
-    cap = 1 << 60
-    eps = np.array([ln_eps_units(c, N, int(s), cap) for s in scales.ravel()], dtype=np.int64)
-    d = np.minimum(d + eps.reshape(scales.shape)[..., None], cap)
+    eps = np.array([ln_eps_units(c, N, int(s), LN_D_CAP) for s in scales.ravel()], dtype=np.int64)
+    d = np.minimum(d + eps.reshape(scales.shape)[..., None], LN_D_CAP)
     W = cfg.ln_sqrt_bits
     t = (bit_length(d) - 2 * W + 1) >> 1  # ceil((bitlen - 2W) / 2), may be negative
     dn = round_shift(d, 2 * t)
