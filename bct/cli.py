@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 
@@ -11,6 +12,12 @@ from bct import __version__
 from bct.config import Config, ConfigError
 
 __all__ = ["main"]
+
+#: Subcommands that live in their own modules. Each module defines
+#: ``register(subparsers, add_config_options)`` which adds its parser and sets
+#: ``func``; heavy imports belong inside the command function, so ``bct --help``
+#: stays fast.
+_COMMAND_MODULES: tuple = ()
 
 
 def _parse_value(field: dataclasses.Field, text: str):
@@ -131,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the validated configuration and its hash")
     _add_config_options(p)
     p.set_defaults(func=_cmd_config)
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub, _add_config_options)
     return parser
 
 
