@@ -2,14 +2,16 @@
 
 Computes exactly :func:`bct.model.nonlinear.softmax_fixed` of
 ``bct.model.blocks.to_fixed(scores, cfg.softmax_frac, cfg.softmax_bits)`` (docs/arithmetic.md
-section 5), one block of ``B`` lanes per beat. The dataflow, buffering, latency and resources are
-described in docs/hardware.md ("Softmax unit").
+section 5), one block of ``B`` lanes per beat and, at steady state, one block per cycle for rows
+of any length. The dataflow, buffering, latency and resources are described in
+docs/hardware.md ("Softmax unit").
 """
 
 from __future__ import annotations
 
-from amaranth import Array, Const, Module, Mux, Signal, signed, unsigned
+from amaranth import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -20,12 +22,15 @@ from bct.model.fixed import round_div_int
 
 __all__ = ["SoftmaxUnit"]
 
-#: Row buffers of raw input blocks: one being written while the other is read (double buffer).
-_X_SLOTS = 2
-#: Row buffers of exponentials: written by *exp*, held through *div*, read by *norm*. Four keep
-#: every stage busy at ``row_period`` (a row's slot is busy for ``2 L + div_cycles`` plus a few
-#: cycles); a power of two, so slot pointers wrap by overflow and every slot index is valid.
-_E_SLOTS = 4
+#: Cycles of :meth:`SoftmaxUnit.latency` besides the two passes over the row and the divider:
+#: 1 to store the row's last beat, 1 for its descriptor to leave the row queue, 4 for the
+#: exp pipeline, 1 for the divider's input register, 1 for the reciprocal queue, 3 for norm.
+_LATENCY_FIXED = 9
+#: Cycles a block spends in the exponential buffer besides ``L`` and the divider's stages
+#: (see :attr:`SoftmaxUnit.e_depth`).
+_E_EXTRA = 6
+#: Cycles a block spends in the input buffer besides ``L`` (see :attr:`SoftmaxUnit.x_depth`).
+_X_EXTRA = 2
 
 
 def _comb(m, value, name, shape=None):
@@ -47,18 +52,15 @@ def _tree(m, values, op, name):
     return values[0]
 
 
-def _set(m, slots, index, value):
-    """``slots[index] <= value`` as one comparison per slot (Verilator flags the incomplete
-    ``case`` that assigning through an ``Array`` produces)."""
-    for k, sig in enumerate(slots):
-        with m.If(index == k):
-            m.d.sync += sig.eq(value)
-
-
 def _round_shift_pos(x, s):
     """``round_shift(x, s)`` of a non-negative ``x`` by a variable ``s >= 0``: halving once
     fewer and rounding the last bit, ``(((x << 1) >> s) + 1) >> 1``, is exact for ``s = 0`` too."""
     return (((x << 1) >> s) + 1) >> 1
+
+
+def _next(ptr, depth):
+    """Ring-buffer pointer increment (wraps at ``depth``, which need not be a power of two)."""
+    return Mux(ptr == depth - 1, 0, ptr + 1)
 
 
 class SoftmaxUnit(wiring.Component):
@@ -71,33 +73,34 @@ class SoftmaxUnit(wiring.Component):
     ``B`` probabilities with ``cfg.softmax_out_frac`` fraction bits and ``last`` on the row's
     final block. A row without any included lane (which the model refuses) gives all zeros.
 
-    Four stages work on four different rows at once, all ``B`` lanes in parallel:
+    Four stages, all ``B`` lanes in parallel, connected by ring buffers of blocks and queues of
+    row descriptors, so several (short) rows are in flight in every stage:
 
     1. *in*: converts each block to fixed point (one shared barrel shift, saturation), takes
-       the running maximum over included lanes and stores the raw block in a double-buffered
-       row memory;
+       the running maximum over included lanes and stores the raw block in the input ring;
+       at the row's end ``(max, length)`` enters the row queue;
     2. *exp*: reads the row back, ``u = round_shift((max - x) * LOG2E, 16)``,
        ``e = round_shift(LUT[u mod 2**f], u >> f)`` (``B`` LUT ROMs, ``B`` constant
-       multipliers), writes ``e`` into a four-slot row memory and sums the row;
-    3. *div*: ``recip = round_div(2**(recip_shift + out_frac), sum)``, a restoring divider
-       retiring ``div_bits`` quotient bits per cycle;
+       multipliers), writes ``e`` into the exponential ring and sums the row;
+    3. *div*: ``recip = round_div(2**(recip_shift + out_frac), sum)``, a pipelined restoring
+       divider of :attr:`div_stages` stages retiring ``div_bits`` quotient bits each, so it
+       accepts one row per cycle; ``(recip, length)`` enters the reciprocal queue;
     4. *norm*: reads ``e`` back, ``p = round_shift(e * recip, recip_shift)`` (``B``
        multipliers), with back-pressure from the output.
 
     Latency (first block accepted to first output valid, idle unit, ``L`` blocks):
-    ``2 L + div_cycles + 9`` cycles (:meth:`latency`). Steady state: one row per
-    ``max(L, div_cycles + 1)`` cycles (:meth:`row_period`), i.e. one block per cycle once
-    ``L > div_cycles``; shorter rows are bound by the divider (``div_bits`` trades adder depth
-    for cycles). All ``B`` lanes are parallel: the per-lane cost (a LUT read port, a constant
-    multiplier, a ``16 x 24``-bit multiplier at default, three small barrel shifters) is what
-    one block per cycle needs, and the row buffers, sized by ``max_len``, dominate the area
-    anyway; see docs/hardware.md for the resource count.
+    ``2 L + div_stages + 9`` cycles (:meth:`latency`). Steady state: one block per cycle for
+    back-to-back rows of any length (:meth:`row_period` is ``L``). The per-lane cost (a LUT
+    read port, a constant multiplier, a ``16 x 24``-bit multiplier at default, three small
+    barrel shifters) is what one block per cycle needs; see docs/hardware.md for the resource
+    count.
 
-    ``verilator --lint-only -Wall`` is clean except four waivers, all for the way Amaranth and
+    ``verilator --lint-only -Wall`` is clean except five waivers, all for the way Amaranth and
     Yosys write Verilog (tests/test_hw_softmax.py, ``LINT_WAIVERS``): ``WIDTHEXPAND`` /
     ``WIDTHTRUNC`` (operands narrower / wider than their context), ``PROCASSINIT`` (reset values
-    as declaration initialisers) and ``UNUSEDSIGNAL`` (an unread alias wire per named signal and
-    layout field, unread high bits of intermediate results).
+    as declaration initialisers), ``DECLFILENAME`` (the queues are submodules in the same file)
+    and ``UNUSEDSIGNAL`` (an unread alias wire per named signal and layout field, unread high
+    bits of intermediate results, the queues' unused level outputs).
 
     Parameters
     ----------
@@ -105,8 +108,9 @@ class SoftmaxUnit(wiring.Component):
     max_len : int
         Longest row in scores: a multiple of ``cfg.block_size`` up to ``cfg.max_reduction``.
     div_bits : int
-        Quotient bits the divider retires per cycle (1 .. its quotient width): more bits mean
-        fewer cycles per row (:attr:`div_cycles`) for a longer adder chain.
+        Quotient bits per divider pipeline stage (1 .. its quotient width): more bits mean
+        fewer stages (:attr:`div_stages`, less latency and fewer registers) for a longer adder
+        chain per stage.
 
     Attributes
     ----------
@@ -114,8 +118,11 @@ class SoftmaxUnit(wiring.Component):
         Payload :meth:`input_layout` ``{"block", "mask", "last"}``.
     o : stream.Interface, out
         Payload :meth:`output_layout` ``{"p", "last"}``.
-    div_cycles : int
-        Cycles the divider spends on one row.
+    div_stages : int
+        Pipeline stages of the divider, ``ceil(quotient bits / div_bits)``.
+    x_depth, e_depth : int
+        Blocks held by the input and exponential ring buffers (the fewest that keep one
+        block per cycle flowing).
 
     Raises
     ------
@@ -155,7 +162,9 @@ class SoftmaxUnit(wiring.Component):
         if not 1 <= div_bits <= self._q_bits:
             raise ValueError(f"div_bits must be in 1..{self._q_bits}, not {div_bits}")
         self.div_bits = div_bits
-        self.div_cycles = -(-self._q_bits // div_bits)
+        self.div_stages = -(-self._q_bits // div_bits)
+        self.x_depth = self.max_blocks + _X_EXTRA
+        self.e_depth = self.max_blocks + self.div_stages + _E_EXTRA
         super().__init__({
             "i": In(stream.Signature(self.input_layout(cfg))),
             "o": Out(stream.Signature(self.output_layout(cfg))),
@@ -185,13 +194,12 @@ class SoftmaxUnit(wiring.Component):
     def latency(self, blocks: int) -> int:
         """Cycles from accepting a row's first block to its first output beat being valid,
         for a row of ``blocks`` blocks entering an idle unit with the output ready."""
-        return 2 * blocks + self.div_cycles + _LATENCY_FIXED
+        return 2 * blocks + self.div_stages + _LATENCY_FIXED
 
     def row_period(self, blocks: int) -> int:
         """Cycles per row at steady state, for back-to-back rows of ``blocks`` blocks with
-        the output always ready: the slowest stage, the divider's ``div_cycles + 1`` (load)
-        or a pass over the row."""
-        return max(blocks, self.div_cycles + 1)
+        the output always ready: one block per cycle, whatever the row length."""
+        return blocks
 
     # --------------------------------------------------------------------------------------
     def _to_fixed(self, m, block, name):
@@ -224,47 +232,43 @@ class SoftmaxUnit(wiring.Component):
         cfg, B, L = self.cfg, self.cfg.block_size, self.max_blocks
         c = derive(self.cfg)
         sb, lim = cfg.softmax_bits, self._lim
+        XD, ED = self.x_depth, self.e_depth
 
-        def addr(slot, index):
-            return slot * L + index
-
-        m.submodules.xbuf = xbuf = Memory(shape=self.i.payload.shape(), depth=_X_SLOTS * L, init=[])
+        m.submodules.xbuf = xbuf = Memory(shape=self.i.payload.shape(), depth=XD, init=[])
         m.submodules.ebuf = ebuf = Memory(
-            shape=data.ArrayLayout(unsigned(self._e_bits), B), depth=_E_SLOTS * L, init=[])
+            shape=data.ArrayLayout(unsigned(self._e_bits), B), depth=ED, init=[])
         m.submodules.lut = lut = Memory(shape=unsigned(self._e_bits), depth=len(c.exp2_lut),
                                         init=c.exp2_lut)
         x_wr, x_rd = xbuf.write_port(), xbuf.read_port()
         e_wr, e_rd = ebuf.write_port(), ebuf.read_port()
         lut_rd = [lut.read_port() for _ in range(B)]
 
-        # per-slot state: a row is in xbuf[s] while x_full[s]; in ebuf[s] while e_full[s],
-        # with its reciprocal once r_ready[s]
-        x_full = Array(Signal(name=f"x_full{s}") for s in range(_X_SLOTS))
-        x_max = Array(Signal(signed(sb), name=f"x_max{s}") for s in range(_X_SLOTS))
-        x_len = Array(Signal(range(L), name=f"x_len{s}") for s in range(_X_SLOTS))  # blocks - 1
-        e_full = Array(Signal(name=f"e_full{s}") for s in range(_E_SLOTS))
-        e_sum = Array(Signal(self._sum_bits, name=f"e_sum{s}") for s in range(_E_SLOTS))
-        e_len = Array(Signal(range(L), name=f"e_len{s}") for s in range(_E_SLOTS))
-        r_ready = Array(Signal(name=f"r_ready{s}") for s in range(_E_SLOTS))
-        recip = Array(Signal(self._q_bits, name=f"recip{s}") for s in range(_E_SLOTS))
+        # row queues: every row queued holds at least one buffered block, so a queue as deep
+        # as its ring never overflows
+        xq_layout = data.StructLayout({"max": signed(sb), "len": range(L)})  # len: blocks - 1
+        rq_layout = data.StructLayout({"recip": unsigned(self._q_bits), "len": range(L)})
+        m.submodules.xq = xq = SyncFIFO(width=xq_layout.size, depth=XD)
+        m.submodules.rq = rq = SyncFIFO(width=rq_layout.size, depth=ED)
+        xq_in, rq_in = Signal(xq_layout), Signal(rq_layout)
+        xq_out, rq_out = data.View(xq_layout, xq.r_data), data.View(rq_layout, rq.r_data)
+        m.d.comb += [xq.w_data.eq(xq_in), rq.w_data.eq(rq_in)]
 
         # ---- stage 1, in: register the beat, then store it and update the row maximum -----
-        in_slot = Signal(range(_X_SLOTS))
+        x_used = Signal(range(XD + 1))       # blocks accepted and not yet read by exp
         in_idx = Signal(range(L))
         in_end = self.i.payload.last | (in_idx == L - 1)
-        m.d.comb += self.i.ready.eq(~x_full[in_slot])
+        accept = Signal()
+        m.d.comb += [self.i.ready.eq(x_used < XD), accept.eq(self.i.valid & self.i.ready)]
         beat = Signal(self.i.payload.shape())
         beat_valid, beat_end = Signal(), Signal()
-        beat_slot, beat_idx = Signal(range(_X_SLOTS)), Signal(range(L))
+        beat_idx = Signal(range(L))
+        xw = Signal(range(XD))
         m.d.sync += [
-            beat_valid.eq(self.i.valid & self.i.ready),
-            beat.eq(self.i.payload), beat_end.eq(in_end),
-            beat_slot.eq(in_slot), beat_idx.eq(in_idx),
+            beat_valid.eq(accept),
+            beat.eq(self.i.payload), beat_end.eq(in_end), beat_idx.eq(in_idx),
         ]
-        with m.If(self.i.valid & self.i.ready):
+        with m.If(accept):
             m.d.sync += in_idx.eq(Mux(in_end, 0, in_idx + 1))
-            with m.If(in_end):
-                m.d.sync += in_slot.eq(in_slot + 1)
 
         xs = self._to_fixed(m, beat.block, "in")
         block_max = _tree(m, (Mux(beat.mask[k], xs[k], -lim) for k in range(B)),
@@ -272,34 +276,30 @@ class SoftmaxUnit(wiring.Component):
         run_max = Signal(signed(sb))
         new_max = _comb(m, Mux((beat_idx == 0) | (block_max > run_max), block_max, run_max),
                         "in_new_max")
-        m.d.comb += [x_wr.addr.eq(addr(beat_slot, beat_idx)), x_wr.data.eq(beat),
-                     x_wr.en.eq(beat_valid)]
+        m.d.comb += [x_wr.addr.eq(xw), x_wr.data.eq(beat), x_wr.en.eq(beat_valid),
+                     xq_in.max.eq(new_max), xq_in.len.eq(beat_idx),
+                     xq.w_en.eq(beat_valid & beat_end)]
         with m.If(beat_valid):
-            m.d.sync += run_max.eq(new_max)
-            with m.If(beat_end):
-                _set(m, x_full, beat_slot, 1)
-                _set(m, x_max, beat_slot, new_max)
-                _set(m, x_len, beat_slot, beat_idx)
+            m.d.sync += [run_max.eq(new_max), xw.eq(_next(xw, XD))]
 
         # ---- stage 2, exp: one block per cycle through a 5-cycle pipeline -----------------
-        xr = Signal(range(_X_SLOTS))
-        ew = Signal(range(_E_SLOTS))
+        e_used = Signal(range(ED + 1))       # blocks issued by exp and not yet read by norm
+        xr = Signal(range(XD))
+        ew = Signal(range(ED))
         ex_idx = Signal(range(L))
-        ex_go = x_full[xr] & ~e_full[ew]
-        ex_last = ex_idx == x_len[xr]
-        m.d.comb += x_rd.addr.eq(addr(xr, ex_idx))
+        ex_go = Signal()
+        ex_last = ex_idx == xq_out.len
+        m.d.comb += [ex_go.eq(xq.r_rdy & (e_used < ED)), x_rd.addr.eq(xr),
+                     xq.r_en.eq(ex_go & ex_last)]
         with m.If(ex_go):
-            m.d.sync += ex_idx.eq(Mux(ex_last, 0, ex_idx + 1))
-            with m.If(ex_last):
-                m.d.sync += [xr.eq(xr + 1), ew.eq(ew + 1)]
-                _set(m, x_full, xr, 0)
-        tag = data.StructLayout({"valid": 1, "last": 1, "slot": range(_E_SLOTS), "idx": range(L)})
+            m.d.sync += [ex_idx.eq(Mux(ex_last, 0, ex_idx + 1)), xr.eq(_next(xr, XD)),
+                         ew.eq(_next(ew, ED))]
+        tag = data.StructLayout({"valid": 1, "last": 1, "addr": range(ED), "idx": range(L)})
         tags = [Signal(tag, name=f"ex_tag{k}") for k in range(4)]
-        m.d.sync += [tags[0].valid.eq(ex_go), tags[0].last.eq(ex_last), tags[0].slot.eq(ew),
-                     tags[0].idx.eq(ex_idx)]
-        m.d.sync += [tags[k + 1].eq(tags[k]) for k in range(3)]
         row_max = Signal(signed(sb))
-        m.d.sync += row_max.eq(x_max[xr])
+        m.d.sync += [tags[0].valid.eq(ex_go), tags[0].last.eq(ex_last), tags[0].addr.eq(ew),
+                     tags[0].idx.eq(ex_idx), row_max.eq(xq_out.max)]
+        m.d.sync += [tags[k + 1].eq(tags[k]) for k in range(3)]
         # t1: row data arrives; d = max - x on included lanes
         diff = Signal(data.ArrayLayout(unsigned(self._diff_bits), B))
         mask1, mask2 = Signal(B, name="ex_mask1"), Signal(B, name="ex_mask2")
@@ -319,68 +319,56 @@ class SoftmaxUnit(wiring.Component):
         exps = Signal(data.ArrayLayout(unsigned(self._e_bits), B))
         m.d.sync += [exps[k].eq(Mux(mask2[k], _round_shift_pos(lut_rd[k].data, shift[k]), 0))
                      for k in range(B)]
-        # t4: store e, accumulate the row sum
+        # t4: store e, accumulate the row sum; at the row's end the sum enters the divider
         t4 = tags[3]
         acc = Signal(self._sum_bits)
         new_acc = _comb(m, _tree(m, (exps[k] for k in range(B)), lambda a, b: a + b, "ex_sum")
                         + Mux(t4.idx == 0, 0, acc), "ex_acc", self._sum_bits)
-        m.d.comb += [e_wr.addr.eq(addr(t4.slot, t4.idx)), e_wr.data.eq(exps),
-                     e_wr.en.eq(t4.valid)]
+        m.d.comb += [e_wr.addr.eq(t4.addr), e_wr.data.eq(exps), e_wr.en.eq(t4.valid)]
+        dv_valid, dv_sum, dv_len = Signal(), Signal(self._sum_bits), Signal(range(L))
+        m.d.sync += [dv_valid.eq(t4.valid & t4.last), dv_sum.eq(new_acc), dv_len.eq(t4.idx)]
         with m.If(t4.valid):
             m.d.sync += acc.eq(new_acc)
-            with m.If(t4.last):
-                _set(m, e_full, t4.slot, 1)
-                _set(m, e_sum, t4.slot, new_acc)
-                _set(m, e_len, t4.slot, t4.idx)
 
-        # ---- stage 3, div: recip = floor((2N + S) / 2S), div_bits quotient bits a cycle ----
-        steps = self.div_cycles * self.div_bits
-        dv = Signal(range(_E_SLOTS))
-        dv_busy = Signal()
-        dv_count = Signal(range(self.div_cycles))
-        rem = Signal((2 * self._numer + (1 << self._sum_bits)).bit_length())
-        den = Signal(self._sum_bits + steps)  # 2 S << (bit being decided)
-        quo = Signal(steps)
-        with m.If(~dv_busy & e_full[dv] & ~r_ready[dv]):
-            m.d.sync += [dv_busy.eq(1), dv_count.eq(0), quo.eq(0),
-                         rem.eq(2 * self._numer + e_sum[dv]),
-                         den.eq(e_sum[dv] << steps)]
-        with m.Elif(dv_busy):
-            r, d, q = rem, den, quo
-            for _ in range(self.div_bits):
-                fits = r >= d
-                r, d, q = Mux(fits, r - d, r), d >> 1, (q << 1) | fits
-            m.d.sync += [rem.eq(r), den.eq(d), quo.eq(q), dv_count.eq(dv_count + 1)]
-            with m.If(dv_count == self.div_cycles - 1):
-                m.d.sync += [dv_busy.eq(0), dv.eq(dv + 1)]
-                _set(m, r_ready, dv, 1)
-                _set(m, recip, dv, q)
+        # ---- stage 3, div: recip = floor((2N + S) / 2S), pipelined, div_bits per stage ----
+        # quotient bit i (MSB first) compares the remainder with 2 S << (steps - 1 - i)
+        steps = self.div_stages * self.div_bits
+        rem_bits = (2 * self._numer + (1 << self._sum_bits)).bit_length()
+        valid, rem, s, q, length = dv_valid, 2 * self._numer + dv_sum, dv_sum, Const(0, 1), dv_len
+        for k in range(self.div_stages):
+            r = rem
+            for j in range(self.div_bits):
+                d = s << (steps - (k * self.div_bits + j))
+                fits = _comb(m, r >= d, f"div{k}_fits{j}")
+                r = _comb(m, Mux(fits, r - d, r), f"div{k}_rem{j}", unsigned(rem_bits))
+                q = q.shift_left(1) | fits
+            regs = (Signal(name=f"div{k}_valid"), Signal(rem_bits, name=f"div{k}_rem"),
+                    Signal(self._sum_bits, name=f"div{k}_sum"),
+                    Signal((k + 1) * self.div_bits, name=f"div{k}_q"),
+                    Signal(range(L), name=f"div{k}_len"))
+            m.d.sync += [reg.eq(v) for reg, v in zip(regs, (valid, r, s, q, length))]
+            valid, rem, s, q, length = regs
+        m.d.comb += [rq_in.recip.eq(q), rq_in.len.eq(length), rq.w_en.eq(valid)]
 
         # ---- stage 4, norm: p = round_shift(e * recip, recip_shift), stalled by o.ready ----
-        nr = Signal(range(_E_SLOTS))
+        er = Signal(range(ED))
         nr_idx = Signal(range(L))
         advance = ~self.o.valid | self.o.ready
-        nr_go = r_ready[nr] & advance
-        nr_last = nr_idx == e_len[nr]
-        m.d.comb += [e_rd.addr.eq(addr(nr, nr_idx)), e_rd.en.eq(advance)]
+        nr_go = Signal()
+        nr_last = nr_idx == rq_out.len
+        m.d.comb += [nr_go.eq(rq.r_rdy & advance), rq.r_en.eq(nr_go & nr_last),
+                     e_rd.addr.eq(er), e_rd.en.eq(advance)]
         with m.If(nr_go):
-            m.d.sync += nr_idx.eq(Mux(nr_last, 0, nr_idx + 1))
-            with m.If(nr_last):
-                m.d.sync += nr.eq(nr + 1)
-                _set(m, e_full, nr, 0)
-                _set(m, r_ready, nr, 0)
+            m.d.sync += [nr_idx.eq(Mux(nr_last, 0, nr_idx + 1)), er.eq(_next(er, ED))]
+        m.d.sync += [x_used.eq(x_used + accept - ex_go), e_used.eq(e_used + ex_go - nr_go)]
         v1, last1, v2, last2 = Signal(), Signal(), Signal(), Signal()
         recip1 = Signal(self._q_bits)
         prod = Signal(data.ArrayLayout(unsigned(self._e_bits + self._q_bits), B))
         with m.If(advance):
-            m.d.sync += [v1.eq(nr_go), last1.eq(nr_last), recip1.eq(recip[nr]),
+            m.d.sync += [v1.eq(nr_go), last1.eq(nr_last), recip1.eq(rq_out.recip),
                          v2.eq(v1), last2.eq(last1),
                          self.o.valid.eq(v2), self.o.payload.last.eq(last2)]
             m.d.sync += [prod[k].eq(e_rd.data[k] * recip1) for k in range(B)]
             m.d.sync += [self.o.payload.p[k].eq(_round_shift_pos(prod[k], c.recip_shift))
                          for k in range(B)]
         return m
-
-
-#: Cycles of :meth:`SoftmaxUnit.latency` besides the two passes over the row and the divider.
-_LATENCY_FIXED = 9
