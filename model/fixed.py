@@ -51,6 +51,12 @@ def round_shift(x, s):
         if s > _MAX_SHIFT:
             return np.zeros_like(x)
         return np.right_shift(x + ((1 << (s - 1)) - (x < 0)), s)
+    if s.size:
+        lo, hi = int(s.min()), int(s.max())
+        if 0 < lo and hi <= _MAX_SHIFT:  # all right shifts (requantisation): skip the selects
+            return np.right_shift(x + (np.left_shift(np.int64(1), s - 1) - (x < 0)), s)
+        if hi <= 0:
+            return np.left_shift(x, -s)
     sr = np.clip(s, 1, _MAX_SHIFT)
     right = np.right_shift(x + (np.left_shift(np.int64(1), sr - 1) - (x < 0)), sr)
     right = np.where(s > _MAX_SHIFT, 0, right)

@@ -12,8 +12,9 @@ exponent, so the shift ``s = scale[m] - ex[m,j] - ew[n,j] = dx[m,j] + dw[n,j]`` 
 ``round_shift(P, s)``; the accumulator therefore never exceeds ``Config.acc_bound`` and has
 ``Config.acc_bits`` bits (proof in docs/arithmetic.md).
 
-The fast path holds the integers in float64, which is exact: ``|P| < 2**37`` for every config and
-every partial sum is below ``2**53`` (checked by :class:`bct.config.Config`).
+The fast path is one float64 GEMM of the operands pre-scaled by (clamped) powers of two, plus
+exact corrections for the few block terms that need rounding; every value it forms is a
+multiple of ``2**-F`` below ``2**(53 - F)``, hence exact (see ``_gemm_with_corrections``).
 :func:`matmul_pyint` is the same definition in plain Python ints, the oracle of the tests.
 """
 
@@ -23,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bct.config import MAX_ADD_TERMS, Config, ConfigError
+from bct.config import EXACT_FLOAT_BITS, MAX_ADD_TERMS, Config, ConfigError
 from bct.model.blocks import BlockTensor, requantize
 from bct.model.fixed import round_shift, round_shift_int
 
@@ -31,8 +32,6 @@ __all__ = [
     "Fixed", "matmul", "matmul_pyint", "linear", "add", "row_scale", "act_blocks", "check_operands",
 ]
 
-# Rows handled per step of the fast path (bounds the (blocks, rows, N) float64 temporary).
-_ROW_CHUNK = 256
 # A shift this large rounds any block product (|P| < 2**37) to 0, so larger ones are clamped.
 _SHIFT_CLAMP = 64
 
@@ -101,28 +100,95 @@ def matmul(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
     """
     check_operands(x, w, bias, cfg)
     scale = row_scale(x, w, bias, cfg)
-    # s = scale[m] - ex[m,j] - ew[n,j] = sx[m,j] + sw[n,j] with sx >= -G, sw >= 0. Folding 2**-sx
-    # into X and 2**-sw into W makes each block's float64 dot product exactly P * 2**-s
-    # (power-of-two factors, |P| < 2**37). Shifts are clamped where the term is 0 anyway.
-    wm, we = act_blocks(w, x.fmt.block)
-    ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
-    sx = np.minimum(scale[..., None] - x.exp - ew_max, _SHIFT_CLAMP)  # (..., M, nb)
-    sw = np.minimum(ew_max - we, _SHIFT_CLAMP)  # (..., N, nb)
-    xs = np.swapaxes(np.ldexp(x.blocks.astype(np.float64), -sx[..., None]), -3, -2)  # (..., nb, M, B)
-    ws = np.moveaxis(np.ldexp(wm.astype(np.float64), -sw[..., None]), -3, -1)  # (..., nb, B, N)
-    M, N = x.shape[-2], w.shape[-2]
-    acc = np.empty(x.shape[:-1] + (N,), dtype=np.int64)
-    for r0 in range(0, M, _ROW_CHUNK):
-        rows = slice(r0, min(M, r0 + _ROW_CHUNK))
-        y = np.matmul(xs[..., rows, :], ws)  # (..., nb, m, N): P * 2**-s, exact
-        # RHAZ as trunc(y +- 1/2): exact here because y has at most 37 significant bits
-        y += np.copysign(0.5, y)
-        np.trunc(y, out=y)
-        acc[..., rows, :] = y.sum(axis=-3).astype(np.int64)  # integer sums < 2**53: exact
+    acc = _gemm_with_corrections(x, w, scale, _exact_frac_bits(cfg, x.shape[-1]))
     if bias is not None:
         shift = scale[..., None, None] - bias.exp[:, None]  # (..., M, nbN, 1)
         acc += round_shift(bias.blocks, shift).reshape(acc.shape)
     return Fixed(acc, scale)
+
+
+def _exact_frac_bits(cfg: Config, K: int) -> int:
+    """Fraction bits a float64 sum of the aligned block terms can carry exactly.
+
+    Every term is ``P * 2**-s'`` with ``s' >= -G`` and ``sum |P| <= K * qa * qop``, so any partial
+    sum (with the bounded corrections added) is below ``2 * acc_bound + K``; a float64 holds
+    every multiple of ``2**-F`` below ``2**(53 - F)`` exactly. Every valid config leaves
+    ``F >= 11`` (``F >= 0`` is all the method needs; fewer bits only mean more corrections).
+    """
+    qa = cfg.act_format.qmax
+    bound = ((K * qa * cfg.operand_qmax) << cfg.acc_guard_bits) * 2 + K
+    return EXACT_FLOAT_BITS - 1 - bound.bit_length()
+
+
+def _gemm_with_corrections(x: BlockTensor, w: BlockTensor, scale: np.ndarray, frac: int) -> np.ndarray:
+    """Blockwise matmul as ONE float64 GEMM plus sparse exact corrections.
+
+    The term of block ``j`` is ``round(P * 2**-s)`` with ``s = sx[m,j] + sw[n,j]`` (separable).
+    The GEMM computes ``sum_j P * 2**-s'`` with the shifts clamped, ``s' = min(sx, a) +
+    min(sw, b)`` (``a + b = frac``): exact, because every term is a multiple of ``2**-frac`` and
+    every partial sum is in range. That equals the definition except where the term needs
+    rounding (``s > 0``) or a clamp was active; those (row, column, block) triples are
+    recomputed per block and corrected by ``round(P * 2**-s) - P * 2**-s'``, also exact: one
+    small GEMM per group of columns sharing a weight shift when such triples are few, or the
+    block's whole row set at once when they are many (GELU outputs against FFN2's weights
+    need rounding in most triples).
+    """
+    B = x.fmt.block
+    wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
+    ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
+    sx = np.minimum(scale[..., None] - x.exp - ew_max, _SHIFT_CLAMP)  # (..., M, nb), >= -G
+    sw = np.minimum(ew_max - we, _SHIFT_CLAMP)  # (..., N, nb), >= 0
+    b = frac // 2
+    a = frac - b
+    xb = x.blocks.astype(np.float64)  # (..., M, nb, B)
+    wb = wm.astype(np.float64)
+    xs = np.ldexp(xb, -np.minimum(sx, a)[..., None]).reshape(x.shape)
+    ws = np.ldexp(wb, -np.minimum(sw, b)[..., None]).reshape(w.shape[:-2] + (w.shape[-2], -1))
+    y = np.matmul(xs, np.swapaxes(ws, -1, -2))  # (..., M, N), exact
+    x_nz = (x.blocks != 0).any(axis=-1)  # (..., M, nb): an all-zero block contributes 0
+    w_nz = (wm != 0).any(axis=-1)
+    fx, fw = np.ldexp(1.0, -sx), np.ldexp(1.0, -sw)  # exact powers of two
+    cx, cw = np.ldexp(1.0, -np.minimum(sx, a)), np.ldexp(1.0, -np.minimum(sw, b))
+    for idx in np.ndindex(*x.shape[:-2]):
+        yi = y[idx]
+        for j in range(sx.shape[-1]):
+            at = idx + (slice(None), j)
+            sxj, swj, xnz, wnz = sx[at], sw[at], x_nz[at], w_nz[at]
+            groups = []  # (rows, cols) of the triples to correct, one per weight shift value
+            for v in np.unique(swj[wnz]):
+                rows = np.flatnonzero(xnz & ((sxj + v > 0) | (sxj > a) | (v > b)))
+                if rows.size:
+                    groups.append((rows, np.flatnonzero(wnz & (swj == v))))
+            if not groups:
+                continue
+            rows = np.unique(np.concatenate([r for r, _ in groups]))
+            if 4 * sum(r.size * c.size for r, c in groups) < rows.size * yi.shape[-1]:
+                for rows, cols in groups:  # few triples: correct them where they are
+                    p = xb[idx + (rows, j)] @ wb[idx + (cols, j)].T
+                    yi[np.ix_(rows, cols)] += _correction(
+                        p, fx[at][rows], fw[at][cols], cx[at][rows], cw[at][cols])
+            else:  # many: correct the whole row set (the correction is 0 where not needed)
+                if rows.size == yi.shape[0]:
+                    rows = slice(None)
+                p = xb[idx + (rows, j)] @ wb[idx + (slice(None), j)].T
+                yi[rows] += _correction(p, fx[at][rows], fw[at], cx[at][rows], cw[at])
+    return y.astype(np.int64)
+
+
+def _correction(p, fx, fw, cx, cw) -> np.ndarray:
+    """``round(p * fx fw) - p * cx cw`` for block products ``p`` (rows x cols), exactly.
+
+    ``fx fw = 2**-s`` and ``cx cw = 2**-s'`` are powers of two. RHAZ is ``trunc(t +- 1/2)``:
+    exact because ``t`` has few significant bits, and the identity on integers (``s <= 0``), so
+    the result is 0 where ``s' == s <= 0``. ``p`` is overwritten.
+    """
+    t = np.multiply(p, np.multiply.outer(fx, fw), out=p)
+    r = np.copysign(0.5, t)
+    r += t
+    np.trunc(r, out=r)
+    t *= np.multiply.outer(cx / fx, cw / fw)  # now p * 2**-s' (ratios are powers of two)
+    r -= t
+    return r
 
 
 def matmul_pyint(

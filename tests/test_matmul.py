@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode
-from bct.model.matmul import Fixed, add, linear, matmul, matmul_pyint
+from bct.model.matmul import Fixed, _exact_frac_bits, add, linear, matmul, matmul_pyint
 
 CONFIGS = [
     Config(),
@@ -56,6 +56,30 @@ def test_bit_exact_random_shapes(seed, M, nb, spread):
     cfg = Config(block_size=8, weight_bits=5)
     rng = np.random.default_rng(seed)
     x, w, b = _operands(cfg, M, 8 * nb, 8, rng, spread)
+    assert_same(matmul(x, w, cfg, b), matmul_pyint(x, w, cfg, b))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(4, 12), st.floats(0, 4))
+def test_wide_exponent_spread_takes_the_correction_path_exactly(seed, spread, wspread):
+    """Activation and weight exponents spread far beyond G: many terms need rounding and the
+    GEMM's shift clamps are active, so most of the result comes from the correction path."""
+    cfg = Config()
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((6, 96)) * np.exp(spread * rng.standard_normal((6, 96)))
+    W = rng.standard_normal((40, 96)) * np.exp(wspread * rng.standard_normal((40, 96)))
+    W[3] = 0  # an all-zero weight row
+    x, w = encode(X, cfg.act_format), encode(W, cfg.weight_format)
+    assert_same(matmul(x, w, cfg), matmul_pyint(x, w, cfg))
+
+
+def test_fewest_exact_fraction_bits_still_exact():
+    """12-bit activations, K = 1024: the config leaving the fewest exact fraction bits (11),
+    so the GEMM's shift clamps bite earliest."""
+    cfg = Config(act_bits=12, acc_guard_bits=8, max_reduction=1024)
+    assert _exact_frac_bits(cfg, 1024) == 11
+    rng = np.random.default_rng(3)
+    x, w, b = _operands(cfg, 3, 1024, 64, rng, spread=4.0)
     assert_same(matmul(x, w, cfg, b), matmul_pyint(x, w, cfg, b))
 
 
