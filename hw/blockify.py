@@ -169,21 +169,59 @@ class Blockifier(wiring.Component):
         Signed width of the scale input, 1..32.
     fmt : BlockFormat
         The output block format (``fmt.block`` lanes).
+    last : bool
+        Carry a ``last`` bit (row end) from the input payload to the output payload, so a
+        unit whose output stream marks its rows (LayerNorm, softmax) connects directly
+        (:meth:`for_payload`).
 
     Attributes
     ----------
     i : stream.Interface, in
-        ``{"value": ArrayLayout(signed(in_width), B), "scale": signed(scale_bits)}``: the block
-        ``value * 2**scale``.
+        ``{"value": ArrayLayout(signed(in_width), B), "scale": signed(scale_bits)}`` (and
+        ``"last": 1`` with ``last``): the block ``value * 2**scale``.
     o : stream.Interface, out
-        :func:`bct.hw.layouts.block_layout` ``(fmt)``.
+        :func:`bct.hw.layouts.block_layout` ``(fmt)`` (and ``"last": 1`` with ``last``).
     latency : int
         3 (register stages from ``i`` to ``o``).
     """
 
     latency = 3
 
-    def __init__(self, cfg: Config, in_width: int, scale_bits: int, fmt: BlockFormat):
+    @classmethod
+    def for_payload(cls, cfg: Config, layout: data.StructLayout, fmt: BlockFormat) -> "Blockifier":
+        """A Blockifier whose input payload layout equals ``layout``, so that
+        ``wiring.connect(m, producer.o, blockifier.i)`` works.
+
+        Parameters
+        ----------
+        cfg : Config
+        layout : amaranth.lib.data.StructLayout
+            ``{"value": ArrayLayout(signed(w), fmt.block), "scale": signed(s)}`` with an
+            optional ``"last": 1`` (e.g. :attr:`bct.hw.layernorm.LayerNormUnit.out_layout`).
+        fmt : BlockFormat
+
+        Raises
+        ------
+        ConfigError
+            If ``layout`` has other fields, or lanes that are not ``fmt.block`` signed ints.
+        """
+        fields = dict(layout)
+        if set(fields) - {"last"} != {"value", "scale"}:
+            raise ConfigError(f"a Blockifier input needs fields value, scale (and last), "
+                              f"not {', '.join(fields)}")
+        value = fields["value"].shape
+        if (not isinstance(value, data.ArrayLayout) or value.length != fmt.block
+                or not value.elem_shape.signed):
+            raise ConfigError(f"value must be {fmt.block} signed lanes, not {value!r}")
+        blk = cls(cfg, value.elem_shape.width, fields["scale"].shape.width, fmt,
+                  last="last" in fields)
+        if blk.i.payload.shape() != layout:
+            raise ConfigError(f"the Blockifier's input layout {blk.i.payload.shape()!r} "
+                              f"differs from {layout!r} (field order or widths)")
+        return blk
+
+    def __init__(self, cfg: Config, in_width: int, scale_bits: int, fmt: BlockFormat, *,
+                 last: bool = False):
         if not isinstance(cfg, Config):
             raise TypeError(f"cfg must be a Config, not {type(cfg).__name__}")
         for name, value, hi in (("in_width", in_width, MAX_IN_WIDTH),
@@ -199,13 +237,16 @@ class Blockifier(wiring.Component):
         self.in_width = in_width
         self.scale_bits = scale_bits
         self.fmt = fmt
-        in_layout = data.StructLayout({
-            "value": data.ArrayLayout(signed(in_width), fmt.block),
-            "scale": signed(scale_bits),
-        })
+        self.last = bool(last)
+        in_fields = {"value": data.ArrayLayout(signed(in_width), fmt.block),
+                     "scale": signed(scale_bits)}
+        out_fields = dict(block_layout(fmt))
+        out_fields = {name: field.shape for name, field in out_fields.items()}
+        if self.last:
+            in_fields["last"] = out_fields["last"] = unsigned(1)
         super().__init__({
-            "i": In(stream.Signature(in_layout)),
-            "o": Out(stream.Signature(block_layout(fmt))),
+            "i": In(stream.Signature(data.StructLayout(in_fields))),
+            "o": Out(stream.Signature(data.StructLayout(out_fields))),
         })
 
     def elaborate(self, platform):
@@ -250,6 +291,12 @@ class Blockifier(wiring.Component):
                          code2.eq(shift_code(m, e - y1.scale, max_left, max_right))]
 
         # stage 3: one rounding shift and saturation per lane
+        if self.last:  # rides along with the block (stage 1 holds it in y1)
+            last2 = Signal(name="last2")
+            with m.If(load[1]):
+                m.d.sync += last2.eq(y1.last)
+            with m.If(load[2]):
+                m.d.sync += self.o.payload.last.eq(last2)
         with m.If(load[2]):
             m.d.sync += self.o.payload.exp.eq(e2)
             for k in range(B):

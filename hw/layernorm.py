@@ -16,16 +16,20 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from bct.config import Config, ConfigError
+from bct.config import BlockFormat, Config, ConfigError
+from bct.hw.blockify import Blockifier
 from bct.model.blocks import BlockTensor
 from bct.model.constants import LN_D_CAP, derive, ln_eps_units
 from bct.model.fixed import round_shift
 
-__all__ = ["LayerNormUnit", "ROOT_STEPS_MAX"]
+__all__ = ["LayerNormUnit", "ROOT_STEPS_MAX", "MAX_SETS"]
 
 #: Most square-root / division iterations chained in one cycle (the timing budget of the
 #: per-row root: each is one compare-subtract of about ``ln_sqrt_bits + 3`` bits).
 ROOT_STEPS_MAX = 6
+
+#: Most parameter sets of one unit.
+MAX_SETS = 4096
 
 #: Cycles of the per-row root unit besides its iterations: ``D`` and ``eps'``, then the shift.
 _ROOT_FIXED_CYCLES = 2
@@ -70,27 +74,39 @@ class LayerNormUnit(wiring.Component):
        then ``round_shift(y qg, shift) + b`` with saturation, ``B`` lanes.
 
     Rows are buffered in :attr:`row_slots` row slots of one memory, so rows keep streaming in
-    while earlier rows wait for their root and are normalised. ``gamma`` and ``beta`` are
-    per-layer constants held in a ROM (one entry per block: ``qg``, the gamma shift and the
-    beta term ``round_shift(qb, -(eb + ln_out_frac))`` computed at build time).
+    while earlier rows wait for their root and are normalised. ``gamma`` and ``beta`` live in
+    a parameter RAM of :attr:`sets` sets (one word per block: ``qg``, the gamma shift and the
+    beta term ``round_shift(qb, -(eb + ln_out_frac))``, :meth:`param_words`), written through
+    the ``param`` port or initialised from ``gamma`` / ``beta`` (set 0); each row selects its
+    set, so one unit serves every LayerNorm of a model.
 
     Parameters
     ----------
     cfg : Config
     width : int
         ``N``, the row length: a multiple of ``cfg.block_size``, at most ``cfg.max_reduction``.
-    gamma, beta : BlockTensor
-        ``(width,)`` tensors in ``cfg.vector_format``.
+    gamma, beta : BlockTensor, optional
+        ``(width,)`` tensors in ``cfg.vector_format``: the initial content of set 0 (both or
+        neither; without them every set starts as zeros and must be written before use).
+    sets : int
+        Parameter sets held (1 .. 4096), e.g. ``2 * layers`` for every LayerNorm of an encoder.
 
     Attributes
     ----------
     i : stream.Interface, in
-        Payload :attr:`in_layout`: ``data`` (``B`` x ``signed(add_bits)``, one block of the
-        row), ``scale`` (the row's scale, constant over a row) and ``last`` (the row's final
-        block). Row boundaries are counted internally (``N / B`` beats); ``last`` is checked.
+        Payload :attr:`in_layout`: ``value`` (``B`` x ``signed(add_bits)``, one block of the
+        row), ``scale`` (the row's scale), ``last`` (the row's final block) and, when
+        ``sets > 1``, ``set`` (the row's parameter set); ``scale`` and ``set`` are read on the
+        row's last beat. Row boundaries are counted internally (``N / B`` beats); ``last`` is
+        checked.
     o : stream.Interface, out
-        Payload :attr:`out_layout`: ``data`` (``B`` x ``signed(ln_out_bits)``, fixed point with
-        ``ln_out_frac`` fraction bits) and ``last``.
+        Payload :attr:`out_layout`: ``value`` (``B`` x ``signed(ln_out_bits)``), ``scale``
+        (always ``-ln_out_frac``) and ``last``: the Blockifier's input layout with ``last``, so
+        :meth:`blockifier` connects directly.
+    param : stream.Interface, in
+        Writes one parameter word per beat (always ready): payload :attr:`param_layout`,
+        ``addr = set * beats + block`` and ``data`` (:meth:`param_words`). A set must not be
+        written while a row using it is inside the unit.
     framing_error : Signal, out
         Sticky: an input ``last`` disagreed with the beat count (cleared by reset only).
     beats : int
@@ -125,16 +141,18 @@ class LayerNormUnit(wiring.Component):
         If gamma / beta are not ``(width,)`` tensors in the vector format or out of range.
     """
 
-    def __init__(self, cfg: Config, width: int, gamma: BlockTensor, beta: BlockTensor):
+    def __init__(self, cfg: Config, width: int, gamma: BlockTensor | None = None,
+                 beta: BlockTensor | None = None, *, sets: int = 1):
         if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
             raise ConfigError(f"LayerNorm width must be a positive int, not {width!r}")
         cfg.check_reduction(width, "LayerNorm width")
-        for name, p in (("gamma", gamma), ("beta", beta)):
-            if not isinstance(p, BlockTensor) or p.shape != (width,) or p.fmt != cfg.vector_format:
-                raise ValueError(f"LayerNorm {name} must be a ({width},) tensor in the vector format")
-            p.check()
+        if isinstance(sets, bool) or not isinstance(sets, int) or not 1 <= sets <= MAX_SETS:
+            raise ConfigError(f"LayerNorm sets must be an int in 1..{MAX_SETS}, not {sets!r}")
+        if (gamma is None) != (beta is None):
+            raise ValueError("LayerNorm gamma and beta must be given together")
         self.cfg = cfg
         self.width = width
+        self.sets = sets
         B = cfg.block_size
         self.beats = width // B
         W = cfg.ln_sqrt_bits
@@ -155,22 +173,66 @@ class LayerNormUnit(wiring.Component):
 
         lo, hi = cfg.act_format.e_min - cfg.acc_guard_bits, cfg.act_format.e_max - cfg.acc_guard_bits
         self._scale_shape = signed(max(_bits(hi), _bits(-lo - 1)))
-        self.in_layout = data.StructLayout({
-            "data": data.ArrayLayout(signed(cfg.add_bits), B),
+        in_fields = {
+            "value": data.ArrayLayout(signed(cfg.add_bits), B),
             "scale": self._scale_shape,
             "last": unsigned(1),
-        })
+        }
+        if sets > 1:
+            in_fields["set"] = range(sets)
+        self.in_layout = data.StructLayout(in_fields)
         self.out_layout = data.StructLayout({
-            "data": data.ArrayLayout(signed(cfg.ln_out_bits), B),
+            "value": data.ArrayLayout(signed(cfg.ln_out_bits), B),
+            "scale": signed(_bits(cfg.ln_out_frac)),
             "last": unsigned(1),
         })
+        lim = (1 << (cfg.ln_out_bits - 1)) - 1
+        self.word_layout = data.StructLayout({
+            "qg": data.ArrayLayout(signed(cfg.vector_bits), B),
+            "shift": range(self._gp_shape.width + cfg.ln_out_bits + 2),
+            "b": data.ArrayLayout(signed(_bits(2 * lim)), B),
+        })
+        self.param_layout = data.StructLayout({"addr": range(sets * self.beats),
+                                               "data": self.word_layout})
         self._eps_table, self._eps_scale0 = self._eps_rom()
-        self._affine_init, self._affine_layout = self._affine_rom(gamma, beta)
+        self._param_init = [{}] * (sets * self.beats)
+        if gamma is not None:
+            self._param_init[:self.beats] = self._param_dicts(gamma, beta)
         super().__init__({
             "i": In(stream.Signature(self.in_layout)),
             "o": Out(stream.Signature(self.out_layout)),
+            "param": In(stream.Signature(self.param_layout)),
             "framing_error": Out(1),
         })
+
+    def param_words(self, gamma: BlockTensor, beta: BlockTensor) -> list[int]:
+        """The parameter words of one set, in block order (``data`` of the ``param`` port at
+        ``addr = set * beats + block``, or the lines of a memory image).
+
+        Parameters
+        ----------
+        gamma, beta : BlockTensor
+            ``(width,)`` tensors in ``cfg.vector_format``.
+
+        Returns
+        -------
+        list of int
+            :attr:`beats` words of :attr:`word_layout`.
+
+        Raises
+        ------
+        ValueError
+            If gamma / beta are not ``(width,)`` tensors in the vector format or out of range.
+        """
+        return [self.word_layout.const(d).as_value().value
+                for d in self._param_dicts(gamma, beta)]
+
+    def blockifier(self, fmt: BlockFormat | None = None) -> Blockifier:
+        """A :class:`~bct.hw.blockify.Blockifier` whose input is this unit's output
+        (``wiring.connect(m, ln.o, blk.i)``), re-encoding it into ``fmt`` (default the
+        activation format) with ``last`` carried along: together exactly
+        :func:`bct.model.nonlinear.layernorm`."""
+        return Blockifier.for_payload(self.cfg, self.out_layout, fmt or self.cfg.act_format)
 
     # --------------------------------------------------------------------------------------
     # Build-time tables
@@ -189,24 +251,22 @@ class LayerNormUnit(wiring.Component):
         last = max(last, first)
         return table[first:last + 1], lo + first
 
-    def _affine_rom(self, gamma: BlockTensor, beta: BlockTensor):
+    def _param_dicts(self, gamma: BlockTensor, beta: BlockTensor) -> list[dict]:
         """Per block: gamma mantissas, the gamma shift plus ``ln_out_bits + 1`` (so it is never
         negative) and the beta term, clamped to ``+-2 lim`` (the output saturates anyway)."""
-        cfg = self.cfg
+        cfg, width = self.cfg, self.width
+        for name, p in (("gamma", gamma), ("beta", beta)):
+            if not isinstance(p, BlockTensor) or p.shape != (width,) or p.fmt != cfg.vector_format:
+                raise ValueError(f"LayerNorm {name} must be a ({width},) tensor in the vector format")
+            p.check()
         lim = (1 << (cfg.ln_out_bits - 1)) - 1
         lift = cfg.ln_out_bits + 1  # layernorm_affine clamps left shifts at this
         g_shift = np.maximum(cfg.ln_frac - cfg.ln_out_frac - gamma.exp, -lift)
         g_shift = np.minimum(g_shift, self._gp_shape.width) + lift  # beyond: the result is 0
         b = round_shift(beta.blocks, np.maximum(-(beta.exp[:, None] + cfg.ln_out_frac), -lift))
         b = np.clip(b, -2 * lim, 2 * lim)
-        layout = data.StructLayout({
-            "qg": data.ArrayLayout(signed(cfg.vector_bits), cfg.block_size),
-            "shift": unsigned(int(g_shift.max()).bit_length()),
-            "b": data.ArrayLayout(signed(_bits(2 * lim)), cfg.block_size),
-        })
-        init = [{"qg": [int(v) for v in gamma.blocks[j]], "shift": int(g_shift[j]),
+        return [{"qg": [int(v) for v in gamma.blocks[j]], "shift": int(g_shift[j]),
                  "b": [int(v) for v in b[j]]} for j in range(self.beats)]
-        return init, layout
 
     @property
     def _y_shape(self):
@@ -234,7 +294,7 @@ class LayerNormUnit(wiring.Component):
         m = Module()
 
         # ---- row buffer and slot accounting --------------------------------------------
-        m.submodules.buf = buf = Memory(shape=self.in_layout["data"].shape, depth=R * n, init=[])
+        m.submodules.buf = buf = Memory(shape=self.in_layout["value"].shape, depth=R * n, init=[])
         wp, rp = buf.write_port(), buf.read_port()
         used = Signal(range(R + 1))          # slots claimed by rows not yet fully read
         claim, release = Signal(), Signal()
@@ -249,7 +309,7 @@ class LayerNormUnit(wiring.Component):
             self.i.ready.eq((wi != 0) | (used < R)),
             accept.eq(self.i.valid & self.i.ready),
             claim.eq(accept & (wi == 0)),
-            wp.addr.eq(wa), wp.data.eq(self.i.payload.data), wp.en.eq(accept),
+            wp.addr.eq(wa), wp.data.eq(self.i.payload.value), wp.en.eq(accept),
         ]
         with m.If(accept):
             m.d.sync += [wi.eq(Mux(row_end, 0, wi + 1)), wa.eq(Mux(wa == R * n - 1, 0, wa + 1))]
@@ -265,16 +325,22 @@ class LayerNormUnit(wiring.Component):
         va, vb, vc = Signal(), Signal(), Signal()
         la, lb, lc = Signal(), Signal(), Signal()
         sca, scb, scc = (Signal(self._scale_shape) for _ in range(3))
+        set_shape = range(max(self.sets, 2))  # one constant-0 bit for one set (no 0-bit wires)
+        sea, seb, sec = (Signal(set_shape) for _ in range(3))
+        if self.sets > 1:
+            m.d.sync += [sea.eq(self.i.payload.set), seb.eq(sea), sec.eq(seb)]
         m.d.sync += [va.eq(accept), la.eq(row_end), sca.eq(self.i.payload.scale),
                      vb.eq(va), lb.eq(la), scb.eq(sca), vc.eq(vb), lc.eq(lb), scc.eq(scb),
                      s1a.eq(sum(xa)), s1b.eq(s1a), s2b.eq(sum(sq))]
-        m.d.sync += [xa[k].eq(self.i.payload.data[k]) for k in range(B)]
+        m.d.sync += [xa[k].eq(self.i.payload.value[k]) for k in range(B)]
         m.d.sync += [sq[k].eq(xa[k] * xa[k]) for k in range(B)]
 
-        q1_layout = data.StructLayout({"s1": s1_shape, "s2": s2_shape, "scale": self._scale_shape})
+        q1_layout = data.StructLayout({"s1": s1_shape, "s2": s2_shape, "scale": self._scale_shape,
+                                       "set": set_shape})
         m.submodules.q1 = q1 = SyncFIFO(width=q1_layout.size, depth=R)
         q1_in = Signal(q1_layout)
         m.d.comb += [q1_in.s1.eq(acc1 + s1b), q1_in.s2.eq(acc2 + s2b), q1_in.scale.eq(scc),
+                     q1_in.set.eq(sec),
                      q1.w_data.eq(q1_in), q1.w_en.eq(vc & lc)]
         with m.If(vc):
             m.d.sync += [acc1.eq(Mux(lc, 0, acc1 + s1b)), acc2.eq(Mux(lc, 0, acc2 + s2b))]
@@ -292,9 +358,9 @@ class LayerNormUnit(wiring.Component):
                                Mux(q1_out.scale > s_hi, s_hi, q1_out.scale)) - s_lo),
             eps_rp.en.eq(pop), q1.r_en.eq(pop),
         ]
-        rs1, rs2 = Signal(s1_shape), Signal(s2_shape)
+        rs1, rs2, rset = Signal(s1_shape), Signal(s2_shape), Signal(set_shape)
         with m.If(pop):
-            m.d.sync += [rs1.eq(q1_out.s1), rs2.eq(q1_out.s2)]
+            m.d.sync += [rs1.eq(q1_out.s1), rs2.eq(q1_out.s2), rset.eq(q1_out.set)]
 
         d = Signal(d_shape)
         m.d.comb += d.eq(N * rs2 - rs1 * rs1)  # >= 0 (Cauchy-Schwarz)
@@ -346,10 +412,11 @@ class LayerNormUnit(wiring.Component):
                          step[2].eq(Mux(ge, cur - dv, cur))]
             dx_, dq_, drem_ = step
 
-        q2_layout = data.StructLayout({"s1": s1_shape, "inv": unsigned(W + 2), "sh": sh_shape})
+        q2_layout = data.StructLayout({"s1": s1_shape, "inv": unsigned(W + 2), "sh": sh_shape,
+                                       "set": set_shape})
         m.submodules.q2 = q2 = SyncFIFO(width=q2_layout.size, depth=R)
         q2_in = Signal(q2_layout)
-        m.d.comb += [q2_in.s1.eq(rs1), q2_in.inv.eq(Mux(rzero, 0, dq_)),
+        m.d.comb += [q2_in.s1.eq(rs1), q2_in.inv.eq(Mux(rzero, 0, dq_)), q2_in.set.eq(rset),
                      q2_in.sh.eq(recip_shift - F - 1 + rt), q2.w_data.eq(q2_in)]
 
         count = Signal(range(max(K, Q) // u))
@@ -400,14 +467,16 @@ class LayerNormUnit(wiring.Component):
         with m.If(load):
             m.d.sync += [row.eq(q2_out), active.eq(1)]
 
-        # pipeline: buffer read | N x - S1 | * inv | round -> y, affine ROM | * qg | output
-        m.submodules.affine = affine = Memory(shape=self._affine_layout, depth=n,
-                                              init=self._affine_init)
-        arp = affine.read_port()
+        # pipeline: buffer read | N x - S1 | * inv | round -> y, parameter RAM | * qg | output
+        m.submodules.affine = affine = Memory(shape=self.word_layout, depth=self.sets * n,
+                                              init=self._param_init)
+        arp, awp = affine.read_port(), affine.write_port()
+        m.d.comb += [self.param.ready.eq(1), awp.addr.eq(self.param.payload.addr),
+                     awp.data.eq(self.param.payload.data), awp.en.eq(self.param.valid)]
         num_shape = signed(_bits(2 * N * cfg.add_bound))
         v = [Signal(name=f"v{k}") for k in range(1, 6)]
         last = [Signal(name=f"last{k}") for k in range(1, 6)]
-        idx = [Signal(range(n), name=f"idx{k}") for k in range(1, 4)]
+        idx = [Signal(range(self.sets * n), name=f"idx{k}") for k in range(1, 4)]  # param addr
         p1 = Signal(q2_layout)
         inv2, sh2, sh3 = Signal(W + 2), Signal(sh_shape), Signal(sh_shape)
         nums = [Signal(num_shape, name=f"num{k}") for k in range(B)]
@@ -419,12 +488,13 @@ class LayerNormUnit(wiring.Component):
         lift = cfg.ln_out_bits + 1
         with m.If(advance):
             m.d.sync += [
-                v[0].eq(issue), last[0].eq(ri == n - 1), idx[0].eq(ri), p1.eq(row),
+                v[0].eq(issue), last[0].eq(ri == n - 1), idx[0].eq(row.set * n + ri), p1.eq(row),
                 v[1].eq(v[0]), last[1].eq(last[0]), idx[1].eq(idx[0]), inv2.eq(p1.inv), sh2.eq(p1.sh),
                 v[2].eq(v[1]), last[2].eq(last[1]), idx[2].eq(idx[1]), sh3.eq(sh2),
                 v[3].eq(v[2]), last[3].eq(last[2]),
                 v[4].eq(v[3]), last[4].eq(last[3]), shift5.eq(arp.data.shift), b5.eq(arp.data.b),
                 self.o.valid.eq(v[4]), self.o.payload.last.eq(last[4]),
+                self.o.payload.scale.eq(-cfg.ln_out_frac),
             ]
             for k in range(B):
                 z = (gps[k] << (lift + 1)) - gps[k][-1]
@@ -434,7 +504,7 @@ class LayerNormUnit(wiring.Component):
                     prods[k].eq(nums[k] * inv2),
                     ys[k].eq(_round_shift_right(prods[k], sh3)),
                     gps[k].eq(ys[k] * arp.data.qg[k]),
-                    self.o.payload.data[k].eq(_clip(g + b5[k], lim)),
+                    self.o.payload.value[k].eq(_clip(g + b5[k], lim)),
                 ]
         m.d.comb += [arp.addr.eq(idx[2]), arp.en.eq(advance)]
         return m

@@ -138,3 +138,34 @@ def test_blockifier_lint(tmp_path):
     verilog = build_verilog(unit, name="blockify", base_dir=tmp_path)
     result = lint(verilog, ["WIDTHEXPAND", "WIDTHTRUNC", "UNUSEDSIGNAL", "PROCASSINIT"])
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
+def test_blockifier_for_payload():
+    """``for_payload`` matches a producer's layout exactly (``last`` carried along) or says
+    why it cannot."""
+    from amaranth import signed, unsigned
+    from amaranth.lib.data import ArrayLayout, StructLayout
+
+    cfg = Config()
+    fmt = cfg.act_format
+    lay = StructLayout({"value": ArrayLayout(signed(20), 32), "scale": signed(6), "last": 1})
+    blk = Blockifier.for_payload(cfg, lay, fmt)
+    assert blk.i.payload.shape() == lay and blk.last
+    assert [name for name, _ in blk.o.payload.shape()] == ["mant", "exp", "last"]
+    plain = StructLayout({"value": ArrayLayout(signed(20), 32), "scale": signed(6)})
+    assert not Blockifier.for_payload(cfg, plain, fmt).last
+    with pytest.raises(ConfigError, match="^a Blockifier input needs fields value, scale "
+                                          r"\(and last\), not data, scale$"):
+        Blockifier.for_payload(cfg, StructLayout({"data": ArrayLayout(signed(20), 32),
+                                                  "scale": signed(6)}), fmt)
+    with pytest.raises(ConfigError, match=r"^value must be 32 signed lanes, not "
+                                          r"ArrayLayout\(unsigned\(20\), 32\)$"):
+        Blockifier.for_payload(cfg, StructLayout({"value": ArrayLayout(unsigned(20), 32),
+                                                  "scale": signed(6)}), fmt)
+    with pytest.raises(ConfigError, match="differs from"):
+        Blockifier.for_payload(cfg, StructLayout({"scale": signed(6),
+                                                  "value": ArrayLayout(signed(20), 32)}), fmt)
+    del blk
+    import gc
+    gc.collect()  # the never-elaborated units warn when collected: here, under the filter

