@@ -1,0 +1,289 @@
+"""Co-simulation of encoder layers on :class:`bct.hw.layer.LayerAccelerator` (host side).
+
+:func:`simulate` quantizes nothing itself: it takes a :class:`~bct.model.integer.QuantBert` and
+an encoded sentence, traces the integer model, generates the program and the memory images,
+refuses images that do not match (:func:`bct.hw.program.check_images`) before anything is
+simulated, builds the RTL and runs ``tests/cocotb/tb_layer.py``-style testbenches, which load
+the layer input, run the program and compare every stage written on chip with the trace,
+exactly (``==``), reporting the first mismatch of each stage with its index, both values and
+the cycle at which the word was written.
+
+:func:`stage_words` / :func:`compare_words` are shared by the host and the testbench.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from bct.hw.program import (LayerShape, Program, STAGES, build_program, check_images, image_words,
+                            pack_word, weights_digest, write_images)
+from bct.model.blocks import BlockTensor, reblock_transposed
+from bct.sim.bits import unpack_block
+
+__all__ = ["stage_words", "expected_stages", "compare_words", "prepare", "simulate",
+           "TB_MODULE"]
+
+#: The testbench module (inside the package, so `bct demo` needs no test files).
+TB_MODULE = Path(__file__).resolve().parent / "tb_layer.py"
+
+
+def stage_words(prog: Program, t: BlockTensor, kind: str) -> list[int]:
+    """The memory words of one traced tensor in the program's layout.
+
+    ``kind``: ``"rows"`` for ``(1, T, X)`` tensors (row ``t``, block ``j``), ``"heads"`` for
+    ``(1, A, R, X)`` tensors (row ``h * R + r``).
+    """
+    f = t.fmt
+    mant, exp = t.blocks, t.exp
+    if kind == "heads":
+        mant = mant.reshape((-1,) + mant.shape[-2:])
+        exp = exp.reshape((-1,) + exp.shape[-1:])
+    else:
+        mant, exp = mant[0], exp[0]
+    return [pack_word(mm, e, f.bits, f.exp_bits)
+            for mm, e in zip(mant.reshape(-1, f.block).tolist(), exp.reshape(-1).tolist())]
+
+
+def _heads(t: BlockTensor, A: int) -> BlockTensor:
+    from bct.model.integer import _heads as heads
+    return heads(t, A, t.shape[-1] // A)
+
+
+def expected_stages(prog: Program, stages: dict, layers: list[int]) -> dict:
+    """``{name: {"base", "words"}}`` of every stage the accelerator keeps for ``layers``
+    (the scratch regions hold the last layer's stages; each layer's ``out`` is kept), plus
+    the re-blocked V (``layer{i}.vt``, not a model stage: ``reblock_transposed`` of V)."""
+    A = prog.shape.heads
+    last = max(layers)
+    out = {}
+    for i in layers:
+        names = STAGES if i == last else ("out",)
+        for s in names:
+            t = stages[f"layer{i}.{s}"]
+            kind = "heads" if s in ("scores", "probs") else "rows"
+            r = prog.stage_region(i, s)
+            out[f"layer{i}.{s}"] = {"base": r.base, "words": stage_words(prog, t, kind)}
+        if i == last:
+            vt = reblock_transposed(_heads(stages[f"layer{i}.v"], A), prog.cfg.act_format)
+            out[f"layer{i}.vt"] = {"base": prog.regions["vt"].base,
+                                   "words": stage_words(prog, vt, "heads")}
+    return out
+
+
+def compare_words(name: str, expected: list[int], got: list[int], cycles: list[int] | None,
+                  bits: int, exp_bits: int, block: int, blocks_per_row: int) -> str | None:
+    """``None`` when equal, else a message naming the first differing word (row, block),
+    lane, both values and the cycle at which the accelerator wrote it."""
+    for n, (e, g) in enumerate(zip(expected, got)):
+        if e != g:
+            em, ee = unpack_block(e, bits, exp_bits, block)
+            gm, ge = unpack_block(g, bits, exp_bits, block)
+            row, j = divmod(n, blocks_per_row)
+            where = f"cycle {cycles[n]}" if cycles is not None else "cycle ?"
+            if ee != ge:
+                what = f"exponent: rtl {ge}, model {ee}"
+            else:
+                lane = next(k for k in range(block) if em[k] != gm[k])
+                what = (f"element {j * block + lane} (lane {lane}): rtl {gm[lane]}, "
+                        f"model {em[lane]}")
+            return f"{name}: first mismatch at word {n} (row {row}, block {j}), {what}; written at {where}"
+    if len(expected) != len(got):
+        return f"{name}: {len(got)} words read, {len(expected)} expected"
+    return None
+
+
+def prepare(qm, enc, *, layers: int = 1, work_dir, image_root, trace=None) -> dict:
+    """Program, checked images, the testbench's data file and the accelerator.
+
+    Parameters
+    ----------
+    qm : QuantBert
+    enc : Encoding
+        One sentence (batch 1); padded to a multiple of the block size by the model.
+    layers : int
+        Encoder layers run on chip (1 .. qm.layers).
+    work_dir : path
+        Where the data and report files go.
+    image_root : path
+        Content-addressed image directories are created under it.
+    trace : dict, optional
+        ``bct.model.integer.trace(qm, enc)`` if already computed.
+
+    Returns
+    -------
+    dict
+        ``prog``, ``component``, ``images``, ``params`` (for the testbench), ``trace``.
+    """
+    from bct.hw.layer import LayerAccelerator
+    from bct.model.integer import trace as model_trace
+
+    cfg = qm.cfg
+    ids = np.asarray(enc.input_ids)
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise ValueError(f"the co-simulation takes one sentence, not input_ids of shape {ids.shape}")
+    if not 1 <= layers <= qm.layers:
+        raise ValueError(f"layers must be in 1..{qm.layers}, not {layers}")
+    stages = model_trace(qm, enc) if trace is None else trace
+    T = stages["embed.ln"].shape[1]
+    seq_len = int(np.asarray(enc.attention_mask).sum())
+    shape = LayerShape(qm.hidden, qm.heads, qm.ffn, T, layers)
+    prog = build_program(cfg, shape, qm)
+    words = image_words(prog, qm)
+    prog.weights_digest = weights_digest(words)
+    img_dir = Path(image_root) / f"{cfg.hash}-{prog.weights_digest}"
+    manifest = img_dir / "manifest.json"
+    if not manifest.is_file():
+        write_images(prog, qm, img_dir)
+    images = check_images(manifest, prog)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    prog.write(work_dir / "program.json")
+    x = stages["embed.ln"]
+    expected = expected_stages(prog, stages, list(range(layers)))
+    af = cfg.act_format
+    data = {
+        "input": {"base": prog.regions["x"].base, "words": stage_words(prog, x, "rows")},
+        "seq_len": seq_len,
+        "expected": expected,
+        "blocks_per_row": {k: _blocks_per_row(prog, k) for k in expected},
+        "fmt": [af.bits, af.exp_bits, af.block],
+        "ops": [o["note"] for o in prog.ops],
+        "max_cycles": 40 * sum(max(1, o["rows"]) * max(1, o["nbk"]) * max(1, o["ncols"])
+                               for o in prog.ops) // max(1, cfg.array_rows * cfg.array_cols)
+                      + 100000,
+    }
+    (work_dir / "data.json").write_text(json.dumps(data))
+    params = {"data": str(work_dir / "data.json"), "report": str(work_dir / "report.json")}
+    return {"prog": prog, "component": LayerAccelerator(prog, images), "images": images,
+            "params": params, "trace": stages, "manifest": str(manifest)}
+
+
+def _blocks_per_row(prog: Program, name: str) -> int:
+    stage = name.split(".", 1)[1]
+    region = prog.regions["vt"] if stage == "vt" else prog.stage_region(
+        int(name[5:name.index(".")]), stage)
+    return region.blocks
+
+
+def rom_source(base_dir) -> Path:
+    """The image ROM's Verilog (``bct_image_rom``) in a content-addressed file."""
+    import hashlib
+
+    from bct.hw.layer import ROM_VERILOG
+    digest = hashlib.sha256(ROM_VERILOG.encode()).hexdigest()[:16]
+    path = Path(base_dir) / f"bct_image_rom-{digest}.v"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(ROM_VERILOG)
+        tmp.replace(path)
+    return path
+
+
+def _port_config(component, base_dir) -> Path:
+    """A Verilator control file making only the top-level ports visible to cocotb (VPI)."""
+    import hashlib
+
+    from bct.sim.runner import output_ports
+    from amaranth.lib.wiring import Flow
+
+    names = ["clk", "rst"] + ["__".join(map(str, path))
+                              for path, _, _ in component.signature.flatten(component)]
+    _ = (output_ports, Flow)
+    text = "`verilator_config\n" + "".join(
+        f'public_flat_rw -module "bct_layer" -var "{n}"\n' for n in names)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = Path(base_dir) / f"bct_layer_ports-{digest}.vlt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
+@contextmanager
+def _lean_verilator():
+    """Build the accelerator lean: without cocotb's ``--public-flat-rw`` (the testbench only
+    touches top-level ports; making every internal signal public makes Verilator re-evaluate
+    all combinational logic on every input change and triples the C++), and with
+    ``OPT_FAST=-O1`` (the single large C++ file compiles several times faster than at
+    ``-Os``)."""
+    from cocotb_tools import runner as cocotb_runner
+
+    from bct.sim import runner as sim_runner
+
+    class LeanVerilator(cocotb_runner.Verilator):
+        def _build_command(self):
+            cmds = super()._build_command()
+            cmds[0] = [a for a in cmds[0] if a != "--public-flat-rw"]
+            return cmds
+
+    def get_runner(simulator):
+        return LeanVerilator() if simulator == "verilator" else cocotb_runner.get_runner(simulator)
+
+    saved_runner, saved_flags = sim_runner.get_runner, os.environ.get("MAKEFLAGS")
+    sim_runner.get_runner = get_runner
+    os.environ["MAKEFLAGS"] = "OPT_FAST=-O1"
+    try:
+        yield
+    finally:
+        sim_runner.get_runner = saved_runner
+        if saved_flags is None:
+            os.environ.pop("MAKEFLAGS", None)
+        else:
+            os.environ["MAKEFLAGS"] = saved_flags
+
+
+def simulate(qm, enc, *, layers: int = 1, work_dir, tb_module=TB_MODULE, base_dir=None, seed: int = 0,
+             trace=None) -> dict:
+    """Run ``layers`` encoder layers of ``qm`` on the accelerator for one sentence.
+
+    Returns
+    -------
+    dict
+        The testbench's report (``cycles``, ``mac_beats``, ``utilisation``, ``ops``,
+        ``mismatches``, ``bit_exact``, ``stages``) plus ``program`` and ``manifest`` paths and
+        ``wall_seconds``.
+
+    Raises
+    ------
+    bct.hw.program.ImageError
+        Before the simulation, when the images do not match the program.
+    bct.sim.SimulationFailure
+        When the build fails, or any stage differs from the model (the message holds the
+        first mismatch); the report is still written.
+    """
+    import time
+
+    from bct.sim.runner import default_base_dir, run
+
+    base = Path(base_dir or default_base_dir())
+    p = prepare(qm, enc, layers=layers, work_dir=work_dir, image_root=base / "images",
+                trace=trace)
+    t0 = time.monotonic()
+    report_path = Path(p["params"]["report"])
+    report_path.unlink(missing_ok=True)
+    error = None
+    try:
+        with _lean_verilator():
+            run(p["component"], tb_module, name="bct_layer", params=p["params"], seed=seed,
+                config_hash=qm.cfg.hash, base_dir=base,
+                build_args=["-Wno-ASCRANGE", str(rom_source(base / "rtl")),
+                            str(_port_config(p["component"], base / "rtl"))])
+    except AssertionError as e:  # SimulationFailure
+        error = e
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report.update(program=str(Path(work_dir) / "program.json"), manifest=p["manifest"],
+                  wall_seconds=time.monotonic() - t0)
+    if error is not None:
+        report.setdefault("bit_exact", False)
+        report["error"] = str(error)
+        (Path(work_dir) / "report.json").write_text(json.dumps(report))
+        raise error
+    return report
