@@ -1,11 +1,13 @@
 """Benchmarks that print flat JSON: accuracy of the integer units against float64 and kernel speed.
 
-``bct bench units --json`` runs :func:`bench_units`. Every figure comes with the bound it is held
+``bct bench units --json`` runs :func:`bench_units`; ``bct bench sim`` runs :func:`bench_sim_command`
+(the RTL units on Verilator, :mod:`bct.sim.bench`). Every figure comes with the bound it is held
 to, so a reader (or CI) can check ``figure <= bound`` without knowing the project.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -16,7 +18,7 @@ from bct.model.blocks import encode
 from bct.model.matmul import Fixed, matmul, matmul_pyint
 from bct.model.nonlinear import gelu_fixed, layernorm_fixed, softmax_fixed
 
-__all__ = ["bench_units", "BOUNDS"]
+__all__ = ["bench_units", "bench_sim_command", "BOUNDS"]
 
 #: The bounds each figure is held to (from the project's issue #2).
 BOUNDS = {
@@ -150,3 +152,31 @@ def bench_units(cfg: Config | None = None, seed: int = 0, shape=(128, 384, 1536)
         all(figures[k] <= BOUNDS[k] for k in BOUNDS) and out["matmul_bit_exact"]
     )
     return out
+
+
+def bench_sim_command(cfg: Config, seed: int = 0, *, as_json: bool = False, quick: bool = False,
+                      units=None) -> int:
+    """``bct bench sim``: run :func:`bct.sim.bench.bench_sim` and print its figures.
+
+    Returns
+    -------
+    int
+        0, or 1 when the MAC array's utilisation misses its 95 % target.
+    """
+    from bct.sim.bench import UNITS, bench_sim
+
+    result = bench_sim(cfg, seed, units=tuple(units or UNITS), quick=quick)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"BCT RTL units on Verilator (cocotb), config {result['config_hash']}, "
+              "valid/ready always high, every output bit-exact with the model")
+        for name, u in result["units"].items():
+            rate = (f"MAC utilisation {u['utilisation']:.4f} "
+                    f"({u['utilisation_with_fill_drain']:.4f} with fill/drain)"
+                    if name == "matmul" else
+                    f"{u['blocks_per_cycle']:.3f} blocks/cycle ({u['elements_per_cycle']:.1f} "
+                    "elements/cycle)")
+            print(f"  {name:<10} {u['simulated_cycles']:>6} cycles  {rate}  "
+                  f"{u['cycles_per_wall_second']:.0f} cycles/s")
+    return 0 if result.get("mac_utilisation_ok", True) else 1

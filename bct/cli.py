@@ -17,7 +17,7 @@ __all__ = ["main"]
 #: ``register(subparsers, add_config_options)`` which adds its parser and sets
 #: ``func``; heavy imports belong inside the command function, so ``bct --help``
 #: stays fast.
-_COMMAND_MODULES: tuple = ("bct.commands", "bct.synth", "bct.estimate")
+_COMMAND_MODULES: tuple = ("bct.commands", "bct.generate", "bct.synth", "bct.estimate")
 
 
 def _parse_value(field: dataclasses.Field, text: str):
@@ -80,9 +80,12 @@ def _print_units(r: dict) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from bct.bench import bench_units
+    from bct.bench import bench_sim_command, bench_units
 
     cfg = config_from_args(args)
+    if args.suite == "sim":
+        return bench_sim_command(cfg, args.seed, as_json=args.json, quick=args.quick,
+                                 units=args.unit)
     result = bench_units(cfg, seed=args.seed, shape=args.shape)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -125,13 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks that print figures (JSON with --json)")
-    p.add_argument("suite", choices=["units"], help="units: numeric core accuracy and speed")
+    p.add_argument("suite", choices=["units", "sim"],
+                   help="units: numeric core accuracy and speed; sim: RTL units on Verilator")
     _add_config_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--shape", type=_shape, default=(128, 384, 1536), metavar="M,K,N",
         help="matmul problem (M x K) @ (K x N) (default 128,384,1536)",
     )
+    p.add_argument("--quick", action="store_true", help="sim: fewer beats per unit")
+    p.add_argument("--unit", action="append", help="sim: only this unit (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
 
