@@ -1,0 +1,239 @@
+"""Tests of `bct.hw.layer` / `bct.hw.program` / `bct.sim.layer`: the encoder-layer accelerator.
+
+* the program and memory map (pure Python), the memory images and their refusals (before any
+  simulation);
+* one full encoder layer of all-MiniLM-L6-v2 on a real sentence (18 tokens, padded to one block
+  of 32) on Verilator, every stage compared exactly with `bct.model.integer.trace` and the MAC
+  utilisation over the layer checked (>= 80 %);
+* BCT_SLOW=1: all six layers in one program, and a tampered model trace that must be reported
+  with the first mismatch.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bct.config import Config, ConfigError
+from bct.hw.program import (OPS, STAGES, ImageError, LayerShape, build_program, check_images,
+                            read_image, write_images, image_words)
+from bct.model.checkpoint import BertWeights, Encoding, LayerWeights
+from bct.model.integer import quantize
+from bct.sim.layer import compare_words, simulate, stage_words
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SENTENCE = "The quick brown fox jumps over the lazy dog near the quiet river bank today."
+SLOW = pytest.mark.skipif(os.environ.get("BCT_SLOW") != "1", reason="BCT_SLOW=1 runs it")
+
+
+def _tiny(seed=0, hidden=64, heads=2, ffn=128, layers=1):
+    """A random BERT small enough for fast image tests (weights (in, out) as in checkpoints)."""
+    rng = np.random.default_rng(seed)
+
+    def layer():
+        d = {n: rng.standard_normal(s) * 0.15 for n, s in (
+            ("q_w", (hidden, hidden)), ("k_w", (hidden, hidden)), ("v_w", (hidden, hidden)),
+            ("o_w", (hidden, hidden)), ("ffn1_w", (hidden, ffn)), ("ffn2_w", (ffn, hidden)))}
+        for n, k in (("q_b", hidden), ("k_b", hidden), ("v_b", hidden), ("o_b", hidden),
+                     ("ffn1_b", ffn), ("ffn2_b", hidden), ("attn_ln_b", hidden),
+                     ("out_ln_b", hidden)):
+            d[n] = rng.standard_normal(k) * 0.1
+        d["attn_ln_g"] = 1 + 0.1 * rng.standard_normal(hidden)
+        d["out_ln_g"] = 1 + 0.1 * rng.standard_normal(hidden)
+        return LayerWeights(**d)
+    return BertWeights(
+        layers=layers, hidden=hidden, heads=heads, ffn=ffn, vocab=100, max_positions=64,
+        type_vocab=2, layer_norm_eps=1e-12, word_emb=rng.standard_normal((100, hidden)),
+        pos_emb=rng.standard_normal((64, hidden)) * 0.3,
+        type_emb=rng.standard_normal((2, hidden)) * 0.1, emb_ln_g=np.ones(hidden),
+        emb_ln_b=np.zeros(hidden), encoder=tuple(layer() for _ in range(layers)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = Config()
+    qm = quantize(_tiny(), cfg)
+    return qm, build_program(cfg, LayerShape(64, 2, 128, 32), qm)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from bct.model.checkpoint import load_bert, load_tokenizer
+    try:
+        w, tok = load_bert(), load_tokenizer()
+    except Exception as e:  # pragma: no cover - the package is a test dependency
+        pytest.skip(f"all-MiniLM-L6-v2 not available: {e}")
+    enc = tok.encode([SENTENCE], max_len=32)
+    return quantize(w, Config()), enc
+
+
+# ------------------------------------------------------------------------------------------
+# Program and memory map
+
+
+def test_program_minilm_layout():
+    cfg = Config()
+    prog = build_program(cfg, LayerShape(384, 12, 1536, 32, layers=2))
+    kinds = [o["kind"] for o in prog.ops]
+    # per layer: 3 projections, 12 V re-blocks, 12 x (scores, softmax, context), out proj,
+    # add, LN, FFN1, GELU, FFN2, add, LN; then end
+    assert len(prog.ops) == 2 * (3 + 12 + 36 + 8) + 1 and kinds[-1] == "end"
+    assert set(kinds) == set(OPS)
+    assert prog.depth["wmem"] == 2 * 55296 and prog.depth["vmem"] == 2 * (9 * 12 + 48)
+    for mem in ("amem", "wmem", "vmem"):  # regions tile each memory without overlap
+        spans = sorted((r.base, r.base + r.words) for r in prog.regions.values() if r.memory == mem)
+        assert spans[0][0] == 0 and spans[-1][1] == prog.depth[mem]
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    j = prog.to_json()
+    assert j["config_hash"] == cfg.hash and json.loads(json.dumps(j)) == j
+    assert prog.stage_region(1, "out").name == "out1" and prog.stage_region(0, "q").name == "q"
+
+
+@pytest.mark.parametrize("shape, message", [
+    (LayerShape(384, 12, 1536, 20), "sequence length 20 is not a multiple of the block size 32"),
+    (LayerShape(400, 10, 1536, 32), "hidden size 400 is not a multiple of the block size 32"),
+    (LayerShape(384, 12, 1536, 32, layers=0), "layers must be at least 1, not 0"),
+])
+def test_program_refuses_shapes(shape, message):
+    with pytest.raises(ConfigError, match=message):
+        build_program(Config(), shape)
+
+
+def test_stage_words_layout(tiny):
+    qm, prog = tiny
+    ids = np.arange(1, 21)[None]
+    from bct.model.integer import trace
+    st = trace(qm, Encoding(ids, np.zeros_like(ids), np.ones_like(ids)))
+    words = stage_words(prog, st["layer0.scores"], "heads")
+    t = st["layer0.scores"]
+    assert len(words) == prog.regions["scores"].words
+    # head 1, row 3, block 0 is word (1 * 32 + 3) * 1 + 0
+    from bct.sim.bits import unpack_block
+    mant, exp = unpack_block(words[35], 8, 8, 32)
+    assert mant == t.mant[0, 1, 3].tolist() and exp == t.exp[0, 1, 3, 0]
+
+
+def test_compare_words_names_first_mismatch():
+    from bct.sim.bits import pack_block
+    a = [pack_block([1] * 32, 0, 8, 8), pack_block([2] * 32, -3, 8, 8)]
+    b = [a[0], pack_block([2] * 5 + [7] + [2] * 26, -3, 8, 8)]
+    assert compare_words("s", a, a, [5, 6], 8, 8, 32, 1) is None
+    msg = compare_words("layer0.q", a, b, [5, 6], 8, 8, 32, 1)
+    assert msg == ("layer0.q: first mismatch at word 1 (row 1, block 0), element 5 (lane 5): "
+                   "rtl 7, model 2; written at cycle 6")
+    c = [a[0], pack_block([2] * 32, -2, 8, 8)]
+    assert "exponent: rtl -2, model -3" in compare_words("x", a, c, None, 8, 8, 32, 1)
+
+
+# ------------------------------------------------------------------------------------------
+# Memory images: written, read back, refused when they do not match
+
+
+def test_images_round_trip(tiny, tmp_path):
+    qm, prog = tiny
+    man = write_images(prog, qm, tmp_path)
+    paths = check_images(man, prog)
+    words = image_words(prog, qm)
+    for name in ("wmem", "vmem"):
+        assert read_image(paths[name]) == words[name]
+    text = (tmp_path / "wmem.hex").read_text().splitlines()
+    assert text[0] == f"// bct-gen config {qm.cfg.hash} memory wmem width 264 depth {prog.depth['wmem']}"
+    assert all(len(line) == 66 for line in text[1:])
+
+
+def test_images_refused(tiny, tmp_path):
+    qm, prog = tiny
+    man = write_images(prog, qm, tmp_path)
+    # one flipped digit: the digest differs
+    path = tmp_path / "vmem.hex"
+    good = path.read_text()
+    lines = good.splitlines()
+    lines[3] = ("1" if lines[3][0] != "1" else "2") + lines[3][1:]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ImageError, match=r"memory image .*vmem.hex is corrupted: SHA-256"):
+        check_images(man, prog)
+    path.write_text(good)
+    check_images(man, prog)
+    # another config's manifest
+    m = json.loads(man.read_text())
+    man.write_text(json.dumps({**m, "config_hash": "0123456789abcdef"}))
+    with pytest.raises(ConfigError, match="was made for config 0123456789abcdef"):
+        check_images(man, prog)
+    # another memory layout (a program for two layers)
+    man.write_text(json.dumps(m))
+    other = build_program(qm.cfg, LayerShape(64, 2, 128, 64), qm)
+    with pytest.raises(ImageError, match="written for another memory layout"):
+        check_images(man, other)
+    with pytest.raises(ImageError, match="not found"):
+        check_images(tmp_path / "missing.json", prog)
+    # weights of another config are refused when the images are made
+    with pytest.raises(ImageError, match="quantized for config"):
+        image_words(build_program(Config(acc_guard_bits=7), LayerShape(64, 2, 128, 32)), qm)
+
+
+def test_simulation_refuses_bad_images(tiny, tmp_path, monkeypatch):
+    """A corrupted image in the image cache stops `simulate` before any build."""
+    qm, _ = tiny
+    ids = np.arange(1, 21)[None]
+    enc = Encoding(ids, np.zeros_like(ids), np.ones_like(ids))
+    from bct.sim import layer as sim_layer
+    p = sim_layer.prepare(qm, enc, work_dir=tmp_path / "w", image_root=tmp_path / "images")
+    img = next((tmp_path / "images").iterdir()) / "wmem.hex"
+    img.write_text(img.read_text().replace("0", "1", 5))
+    built = []
+    monkeypatch.setattr("bct.sim.runner.build_verilog", lambda *a, **k: built.append(a))
+    with pytest.raises(ImageError, match="is corrupted"):
+        simulate(qm, enc, work_dir=tmp_path / "w", base_dir=tmp_path)
+    assert not built and p["prog"].depth["amem"] > 0
+
+
+# ------------------------------------------------------------------------------------------
+# Co-simulation
+
+
+def test_one_layer_real_sentence(minilm, tmp_path):
+    """Layer 0 of all-MiniLM-L6-v2 on a real 18-token sentence: every stage == the model."""
+    qm, enc = minilm
+    assert enc.attention_mask.sum() >= 16
+    r = simulate(qm, enc, layers=1, work_dir=tmp_path)
+    assert r["bit_exact"] and not r["mismatches"], r["mismatches"]
+    assert set(r["stages"]) == {f"layer0.{s}" for s in STAGES} | {"layer0.vt"}
+    assert all(r["stages"].values())
+    # every MAC of the layer: 32 x (4 * 384 * 384 + 2 * 384 * 1536 + 2 * 12 * 32 * 32) / 64 PEs
+    assert r["mac_beats"] == 32 * (4 * 384 * 384 + 2 * 384 * 1536 + 24 * 32 * 32) // 64
+    assert r["utilisation"] >= 0.8, r["utilisation"]
+    assert [o["op"] for o in r["ops"]][:3] == ["layer0.q", "layer0.k", "layer0.v"]
+
+
+@pytest.mark.slow
+@SLOW
+def test_six_layers_real_sentence(minilm, tmp_path):
+    """All six layers in one program; each layer's output and every stage of the last layer
+    == the model; the mean-pooled sentence embedding of the RTL's last hidden state (pooling on
+    the host, with the model's own function) equals the model's."""
+    qm, enc = minilm
+    r = simulate(qm, enc, layers=6, work_dir=tmp_path)
+    assert r["bit_exact"] and all(r["stages"].values()), r["mismatches"]
+    assert {f"layer{i}.out" for i in range(6)} <= set(r["stages"])
+    assert r["utilisation"] >= 0.8
+
+
+@pytest.mark.slow
+@SLOW
+def test_tampered_trace_is_reported(minilm, tmp_path):
+    """A model trace with one changed element: the run fails naming the word, lane, both
+    values and the write cycle."""
+    from bct.model.blocks import BlockTensor
+    from bct.model.integer import trace
+    from bct.sim import SimulationFailure
+    qm, enc = minilm
+    st = dict(trace(qm, enc))
+    t = st["layer0.ffn1"]
+    mant = t.mant.copy()
+    mant[0, 2, 40] = mant[0, 2, 40] + (1 if mant[0, 2, 40] < 0 else -1)
+    st["layer0.ffn1"] = BlockTensor(mant, t.exp, t.fmt)
+    with pytest.raises(SimulationFailure, match=r"layer0.ffn1: first mismatch at word 97 "
+                                                r"\(row 2, block 1\), element 40 \(lane 8\)"):
+        simulate(qm, enc, layers=1, work_dir=tmp_path, trace=st)
