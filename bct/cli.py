@@ -17,7 +17,8 @@ __all__ = ["main"]
 #: ``register(subparsers, add_config_options)`` which adds its parser and sets
 #: ``func``; heavy imports belong inside the command function, so ``bct --help``
 #: stays fast.
-_COMMAND_MODULES: tuple = ("bct.commands", "bct.generate", "bct.synth", "bct.estimate")
+_COMMAND_MODULES: tuple = ("bct.commands", "bct.generate", "bct.synth", "bct.estimate",
+                           "bct.demo")
 
 
 def _parse_value(field: dataclasses.Field, text: str):
@@ -94,18 +95,6 @@ def _cmd_bench(args) -> int:
     return 0 if result["all_within_bounds"] else 1
 
 
-def _cmd_demo(args) -> int:
-    from bct.bench import bench_units
-
-    cfg = config_from_args(args)
-    result = bench_units(cfg, seed=args.seed)
-    if args.json:
-        print(json.dumps({"units": result}, indent=2))
-    else:
-        _print_units(result)
-    return 0 if result["all_within_bounds"] else 1
-
-
 def _cmd_config(args) -> int:
     cfg = config_from_args(args)
     print(json.dumps({"hash": cfg.hash, **cfg.to_dict()}, indent=2))
@@ -120,12 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bct-gen {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("demo", help="run the main job on the built-in default model")
-    _add_config_options(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks that print figures (JSON with --json)")
     p.add_argument("suite", choices=["units", "sim"],
