@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 from amaranth import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from bct.config import Config
@@ -118,10 +118,14 @@ class MatmulArray(wiring.Component):
     accumulators, rows in order, equal to ``matmul(x, w, cfg, bias).value`` of the tile.
     ``K`` must be a multiple of ``B = cfg.block_size``. Tiles follow each other back to back.
 
-    Latency: the first row of a tile is valid 3 cycles after the transfer of its last beat
-    (input register, MAC, shift-accumulate). Back-to-back tiles of reduction ``K`` keep every
-    PE busy on every cycle when ``K >= R`` (the drain of ``R`` rows hides under the next tile);
-    in general the steady-state utilisation is ``K / max(K, R)``.
+    Latency: the first row of a tile is valid :attr:`latency` (11) cycles after the transfer of
+    its last beat (input register, multiply, block accumulate, two shift stages, accumulate,
+    four output stages, FIFO); every stage is register to register (the measured Fmax is in
+    docs/synthesis.md). Back-to-back tiles of reduction
+    ``K`` keep every PE busy on every cycle when ``K >= R`` (the drain of ``R`` rows hides under
+    the next tile); in general the steady-state utilisation is ``K / max(K, R)``. The output
+    side runs on credits (:attr:`out_depth` rows in flight behind the drain registers), so
+    ``out.ready`` never reaches the array's pipeline enable.
 
     Parameters
     ----------
@@ -178,13 +182,25 @@ class MatmulArray(wiring.Component):
         G = cfg.acc_guard_bits
         return cfg.block_product_bits + G, cfg.vector_format.bits + G
 
+    #: Register stages from the last ``act``/``weight`` transfer of a tile to its first output
+    #: row: input, multiply, block accumulate, coarse shift, fine shift, accumulate (and
+    #: drain copy), bias shift amount, coarse and fine bias shift, sum, output FIFO.
+    latency = 11
+
+    #: Depth of the output FIFO; also the number of output rows in flight after the drain
+    #: registers (credits), enough to keep one row per cycle flowing.
+    out_depth = 8
+
     def elaborate(self, platform):
         m = Module()
         cfg = self.cfg
         R, C, B, G = cfg.array_rows, cfg.array_cols, cfg.block_size, cfg.acc_guard_bits
+        operand_bits = max(cfg.weight_format.bits, cfg.act_format.bits)
 
-        # Global pipeline enable: everything advances unless a finished tile waits for the
-        # drain registers. The two operand streams are joined (ready needs the other's valid).
+        # Global pipeline enable: everything up to the accumulators advances unless a finished
+        # tile waits for the drain registers. It is a function of registers only (the output
+        # side runs on credits), so out.ready never reaches this high-fanout net. The two
+        # operand streams are joined (ready needs the other's valid).
         en = Signal()
         m.d.comb += [self.act.ready.eq(en & self.weight.valid),
                      self.weight.ready.eq(en & self.act.valid)]
@@ -204,51 +220,99 @@ class MatmulArray(wiring.Component):
                              s0_first.eq(kpos == 0), s0_block_last.eq(kpos == B - 1),
                              kpos.eq(kpos + 1)]
 
-        # Stage 1: multiply-accumulate the block products; the shifts of a finished block
-        # move on with it.
-        prod = [[Signal(signed(cfg.block_product_bits), name=f"p_{r}_{c}") for c in range(C)]
-                for r in range(R)]
-        s1_done = Signal()  # prod holds a finished K-block
-        s1_tile_last = Signal()
+        # Stage 1: one product per PE (a registered multiplier: one DSP block).
+        mul = [[Signal(signed(cfg.act_format.bits + operand_bits), name=f"mul_{r}_{c}")
+                for c in range(C)] for r in range(R)]
+        s1_valid, s1_first, s1_block_last, s1_last = Signal(), Signal(), Signal(), Signal()
         s1_ashift = Signal.like(s0_act.shift)
         s1_wshift = Signal.like(s0_wgt.shift)
         with m.If(en):
-            m.d.sync += s1_done.eq(s0_valid & s0_block_last)
+            m.d.sync += s1_valid.eq(s0_valid)
             with m.If(s0_valid):
+                m.d.sync += [s1_first.eq(s0_first), s1_block_last.eq(s0_block_last),
+                             s1_last.eq(s0_act.last), s1_ashift.eq(s0_act.shift),
+                             s1_wshift.eq(s0_wgt.shift)]
                 for r in range(R):
                     for c in range(C):
-                        m.d.sync += prod[r][c].eq(
-                            Mux(s0_first, 0, prod[r][c]) + s0_act.x[r] * s0_wgt.w[c])
-                with m.If(s0_block_last):
-                    m.d.sync += [s1_ashift.eq(s0_act.shift), s1_wshift.eq(s0_wgt.shift),
-                                 s1_tile_last.eq(s0_act.last)]
+                        m.d.sync += mul[r][c].eq(s0_act.x[r] * s0_wgt.w[c])
 
-        # Stage 2: align each finished block into the accumulator; a finished tile is
-        # copied into the drain registers.
+        # Stage 2: accumulate the block product P; at the block's end, each PE's total shift.
+        W = cfg.block_product_bits + G + 1  # width of (P << G+1) - (P < 0)
+        prod = [[Signal(signed(cfg.block_product_bits), name=f"p_{r}_{c}") for c in range(C)]
+                for r in range(R)]
+        ushift = [[Signal(range(2 * self.shift_max + 1), name=f"u_{r}_{c}") for c in range(C)]
+                  for r in range(R)]
+        s2_done, s2_last = Signal(), Signal()  # prod holds a finished K-block
+        with m.If(en):
+            m.d.sync += s2_done.eq(s1_valid & s1_block_last)
+            with m.If(s1_valid):
+                for r in range(R):
+                    for c in range(C):
+                        m.d.sync += prod[r][c].eq(Mux(s1_first, 0, prod[r][c]) + mul[r][c])
+                with m.If(s1_block_last):
+                    m.d.sync += s2_last.eq(s1_last)
+                    for r in range(R):
+                        for c in range(C):
+                            m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
+
+        # Stages 3 and 4: round_shift(P << G, u) = (((P << G+1) - (P < 0)) >>> u) + 1) >>> 1
+        # (round_shift_hw), the arithmetic shift split into u & ~7 (stage 3) and u & 7.
+        coarse = [[Signal(signed(W), name=f"sc_{r}_{c}") for c in range(C)] for r in range(R)]
+        fine = [[Signal(3, name=f"sf_{r}_{c}") for c in range(C)] for r in range(R)]
+        term = [[Signal(signed(W), name=f"t_{r}_{c}") for c in range(C)] for r in range(R)]
+        s3_done, s3_last, s4_done, s4_last = Signal(), Signal(), Signal(), Signal()
+        with m.If(en):
+            m.d.sync += [s3_done.eq(s2_done), s4_done.eq(s3_done)]
+            with m.If(s2_done):
+                m.d.sync += s3_last.eq(s2_last)
+                for r in range(R):
+                    for c in range(C):
+                        p = prod[r][c]
+                        t = (p << (G + 1)) - (p < 0)
+                        m.d.sync += [coarse[r][c].eq(t >> (ushift[r][c] >> 3 << 3)),
+                                     fine[r][c].eq(ushift[r][c][:3])]
+            with m.If(s3_done):
+                m.d.sync += s4_last.eq(s3_last)
+                for r in range(R):
+                    for c in range(C):
+                        m.d.sync += term[r][c].eq(((coarse[r][c] >> fine[r][c]) + 1) >> 1)
+
+        # Stage 5: accumulate; a finished tile is copied into the drain registers.
         acc = [[Signal(signed(cfg.acc_bits), name=f"acc_{r}_{c}") for c in range(C)]
                for r in range(R)]
         drain = [[Signal(signed(cfg.acc_bits), name=f"drain_{r}_{c}") for c in range(C)]
                  for r in range(R)]
-        tile_first = Signal(init=1)
         full = Signal()  # the drain registers hold a tile
         row = Signal(range(R))
         bias_full = Signal()
-        b_val = Signal.like(self.bias.payload.b)
+        # the bias as the shifters take it: (qb << G+1) - (qb < 0) (round_shift_hw's operand)
+        b_t = [Signal(signed(cfg.vector_format.bits + G + 2), name=f"bt_{c}") for c in range(C)]
         b_col = Signal.like(self.bias.payload.col_shift)
         b_row = Signal.like(self.bias.payload.row_shift)
+        credits = Signal(range(self.out_depth + 1), init=self.out_depth)
 
-        pop = self.out.valid & self.out.ready
+        pop = full & bias_full & (credits != 0)
         pop_last = pop & (row == R - 1)
         drain_free = ~full | pop_last
-        finish = s1_done & s1_tile_last
+        finish = s4_done & s4_last
         m.d.comb += en.eq(~finish | drain_free)
 
-        # Drain: rows leave from row 0 (the registers shift up), the bias term added per row.
-        m.d.comb += self.out.valid.eq(full & bias_full)
-        for c in range(C):
-            u = Signal(range(2 * self.bias_shift_max + 1), name=f"ub_{c}")
-            m.d.comb += [u.eq(b_row[0] + b_col[c]),
-                         self.out.payload[c].eq(drain[0][c] + round_shift_hw(b_val[c] << G, u))]
+        # The accumulators restart from 0 after the tile's last block (a synchronous reset of
+        # the register, no multiplexer in front of the adder).
+        with m.If(en & s4_done):
+            for r in range(R):
+                for c in range(C):
+                    total = acc[r][c] + term[r][c]
+                    m.d.sync += acc[r][c].eq(Mux(s4_last, 0, total))
+                    with m.If(s4_last):
+                        m.d.sync += drain[r][c].eq(total)
+        with m.If(en & finish):
+            m.d.sync += full.eq(1)
+
+        # Drain: rows leave from row 0 (the registers shift up) into the output pipeline:
+        # o1 (total bias shift per column), o2 (the aligned bias term), o3 (the sum), then
+        # the FIFO. Each popped row takes a credit, returned when it leaves the FIFO, so the
+        # pipeline never needs to stall.
         with m.If(pop):
             m.d.sync += row.eq(Mux(row == R - 1, 0, row + 1))
             for r in range(R - 1):
@@ -256,26 +320,64 @@ class MatmulArray(wiring.Component):
                 for c in range(C):
                     m.d.sync += drain[r][c].eq(drain[r + 1][c])
             with m.If(row == R - 1):
-                m.d.sync += [full.eq(0), bias_full.eq(0)]
-        with m.If(en & s1_done):
-            m.d.sync += tile_first.eq(s1_tile_last)
-            for r in range(R):
-                for c in range(C):
-                    u = Signal(range(2 * self.shift_max + 1), name=f"u_{r}_{c}")
-                    m.d.comb += u.eq(s1_ashift[r] + s1_wshift[c])
-                    total = Mux(tile_first, 0, acc[r][c]) + round_shift_hw(prod[r][c] << G, u)
-                    m.d.sync += acc[r][c].eq(total)
-                    with m.If(s1_tile_last):
-                        m.d.sync += drain[r][c].eq(total)
-
-        with m.If(en & finish):
-            m.d.sync += full.eq(1)
+                m.d.sync += bias_full.eq(0)
+        with m.If(pop_last & ~(en & finish)):
+            m.d.sync += full.eq(0)
 
         m.d.comb += self.bias.ready.eq(~bias_full | pop_last)
         with m.If(self.bias.valid & self.bias.ready):
-            m.d.sync += [bias_full.eq(1), b_val.eq(self.bias.payload.b),
-                         b_col.eq(self.bias.payload.col_shift),
+            m.d.sync += [bias_full.eq(1), b_col.eq(self.bias.payload.col_shift),
                          b_row.eq(self.bias.payload.row_shift)]
+            for c in range(C):
+                qb = self.bias.payload.b[c]
+                m.d.sync += b_t[c].eq((qb << (G + 1)) - (qb < 0))
+
+        # Output FIFO: LUT RAM with an asynchronous read port (first word fall-through); its
+        # space is guaranteed by the credits. The third output stage registers straight into
+        # the write port (data, enable, address are the stage's registers).
+        depth = self.out_depth
+        row_layout = data.ArrayLayout(signed(cfg.acc_bits), C)
+        m.submodules.out_mem = mem = memory.Memory(shape=row_layout, depth=depth, init=[])
+        wp = mem.write_port()
+        rp = mem.read_port(domain="comb")
+
+        # o1: the row and its total bias shifts; o2 / o3: round_shift(qb << G, u) in the PE's
+        # two shift stages; o4 (the write port's data): the sum.
+        o1_valid, o2_valid, o3_valid = Signal(), Signal(), Signal()
+        ub = range(2 * self.bias_shift_max + 1)
+        d = [[Signal(signed(cfg.acc_bits), name=f"o{i}d_{c}") for c in range(C)]
+             for i in (1, 2, 3)]
+        o1_t = [Signal.like(b_t[c], name=f"o1t_{c}") for c in range(C)]
+        o1_u = [Signal(ub, name=f"o1u_{c}") for c in range(C)]
+        o2_t = [Signal.like(b_t[c], name=f"o2t_{c}") for c in range(C)]
+        o2_f = [Signal(3, name=f"o2f_{c}") for c in range(C)]
+        o3_t = [Signal.like(b_t[c], name=f"o3t_{c}") for c in range(C)]
+        m.d.sync += [o1_valid.eq(pop), o2_valid.eq(o1_valid), o3_valid.eq(o2_valid),
+                     wp.en.eq(o3_valid)]
+        with m.If(pop):
+            for c in range(C):
+                m.d.sync += [d[0][c].eq(drain[0][c]), o1_t[c].eq(b_t[c]),
+                             o1_u[c].eq(b_row[0] + b_col[c])]
+        with m.If(o1_valid):
+            for c in range(C):
+                m.d.sync += [d[1][c].eq(d[0][c]), o2_t[c].eq(o1_t[c] >> (o1_u[c] >> 3 << 3)),
+                             o2_f[c].eq(o1_u[c][:3])]
+        with m.If(o2_valid):
+            for c in range(C):
+                m.d.sync += [d[2][c].eq(d[1][c]), o3_t[c].eq(((o2_t[c] >> o2_f[c]) + 1) >> 1)]
+        with m.If(o3_valid):
+            for c in range(C):
+                m.d.sync += wp.data[c].eq(d[2][c] + o3_t[c])
+        with m.If(wp.en):
+            m.d.sync += wp.addr.eq(Mux(wp.addr == depth - 1, 0, wp.addr + 1))
+
+        level = Signal(range(depth + 1))
+        back = (level != 0) & self.out.ready
+        m.d.comb += [self.out.valid.eq(level != 0), self.out.payload.eq(rp.data)]
+        with m.If(back):
+            m.d.sync += rp.addr.eq(Mux(rp.addr == depth - 1, 0, rp.addr + 1))
+        m.d.sync += level.eq(level + wp.en - back)
+        m.d.sync += credits.eq(credits - pop + back)
         return m
 
 
