@@ -79,7 +79,7 @@ def run_demo(cfg, *, sentence: str = DEMO_SENTENCE, layers: int = 1, synth_repor
         "model": weights.source,
         "sentence": sentence,
         "tokens": int(enc.attention_mask.sum()),
-        "padded_tokens": int(enc.input_ids.shape[1]),
+        "padded_tokens": int(out.stages["embed.ln"].shape[1]),
         "compression_ratio": 32 * n / qm.storage_bits(),
         "embedding_cosine_vs_fp32": cosine,
         "layers_on_chip": layers,

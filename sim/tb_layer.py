@@ -56,7 +56,7 @@ async def layer_bit_exact(dut):
     await RisingEdge(dut.clk)
     t0 = int(get_sim_time("ns")) // PERIOD_NS
     dut.start.value = 0
-    log = []
+    log = [[0, t0]]  # op 0 starts at once; the log records every later change of op_index
     cocotb.start_soon(_op_log(dut, log))
     await First(RisingEdge(dut.done), Timer(d["max_cycles"] * PERIOD_NS, "ns"))
     await FallingEdge(dut.clk)
