@@ -27,13 +27,18 @@ MINILM = {"hidden": 384, "heads": 12, "ffn": 1536}
 DSP_WIDTH = {"ice40": (16, 16), "ecp5": (18, 18), "nexus": (18, 18), "xc7": (25, 18)}
 
 #: LUT cost per bit of the matmul array's pieces, calibrated on ECP5 (LUT4 count of the
-#: synthesised 8x8, 4x4 and 2x2 arrays; docs/synthesis.md).
+#: synthesised 2x2 and 8x8 arrays, Yosys 0.70; docs/synthesis.md).
 LUT_PER_BIT = {
-    "shift": 1.0,    # per bit per shifter level of the two-stage barrel shifter
-    "acc": 1.0,      # per accumulator bit: the tile_first mux before the adder
-    "drain": 1.0,    # per drain bit: load / shift-up mux
-    "prod": 1.0,     # per block-product bit: the first-beat mux
+    "shift": 0.9,    # per bit per level of the two-stage barrel shifter
+    "acc": 0.9,      # per accumulator bit (adder carry logic outside the carry cells)
+    "drain": 0.9,    # per drain bit: load / shift-up multiplexer
+    "prod": 0.9,     # per block-product bit: the first-beat multiplexer
 }
+
+#: LUTs of a family relative to ECP5 for the same logic (iCE40 has no wide-multiplexer cells;
+#: measured on the 2x2 array), and LUTs per operand-bit pair of a multiplier built from LUTs.
+LUT_SCALE = {"ecp5": 1.0, "nexus": 1.0, "ice40": 1.85, "ice40-nodsp": 1.85, "xc7": 1.0}
+MUL_LUT_PER_BIT2 = 2.8
 
 
 def _latency() -> int:
@@ -108,6 +113,8 @@ def encoder_layer_cycles(cfg: Config, seq_len: int = 128, hidden: int = MINILM["
         raise ValueError(f"hidden {hidden} is not a multiple of heads {heads}")
     dh = hidden // heads
     L = seq_len
+    for k in (hidden, ffn, L):  # the reductions the accumulators must hold
+        cfg.check_reduction(k)
     ops = {
         "qkv": _matmul(cfg, L, hidden, 3 * hidden),
         "scores": _matmul(cfg, L, dh, L, heads),
@@ -185,15 +192,20 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
     ff_in = R * (a + sb) + 1 + C * (op + sb) + 3 + (cfg.block_size - 1).bit_length()
     ff_pe = (a + op) + bp + ub + W + 3 + W + acc + acc
     ff_ctl = R * sb + C * sb + 4 + (R + C) * sb + 8
-    ff_out = C * (vb + bsb) + R * bsb + C * (acc + (2 * bias_shift_max).bit_length() + vb) \
-        + C * (acc + vb + G + 1) + C * acc + 16
+    bt = vb + G + 2  # the stored bias (qb << G+1) - (qb < 0)
+    ff_out = (C * (bt + bsb) + R * bsb                              # bias beat
+              + C * (acc + bt + (2 * bias_shift_max).bit_length())  # o1
+              + C * (acc + bt + 3) + C * (acc + bt)                 # o2, o3
+              + C * acc + 16)                                       # o4 (write data), control
     ff = ff_in + pes * ff_pe + ff_ctl + ff_out
     levels_coarse = max(ub - 3, 0)
     lut_pe = (LUT_PER_BIT["shift"] * W * (levels_coarse + 3)
               + LUT_PER_BIT["acc"] * acc + LUT_PER_BIT["drain"] * acc
               + LUT_PER_BIT["prod"] * bp)
-    mul_luts = 0 if dsp else pes * a * op
-    lut = pes * lut_pe + mul_luts + C * (vb + G) * bsb
+    mul_luts = 0 if dsp else MUL_LUT_PER_BIT2 * pes * a * op
+    lut = LUT_SCALE[family] * (pes * lut_pe + C * (vb + G) * bsb) + mul_luts
+    if family.startswith("ice40"):  # no LUT RAM: the output FIFO is registers
+        ff += max(8, R) * C * acc
     return {"pes": pes, "dsp": dsp, "ff": int(ff), "lut": int(round(lut)),
             "luts_per_mac": round(lut / pes, 1)}
 

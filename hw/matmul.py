@@ -154,6 +154,10 @@ class MatmulArray(wiring.Component):
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.shift_max, self.bias_shift_max = self.limits(cfg)
+        #: Depth of the output FIFO; also the number of output rows in flight after the drain
+        #: registers (credits): a row's credit is back 7 cycles after it left, so 8 keep one
+        #: row per cycle flowing, and R let a whole tile drain at once.
+        self.out_depth = max(8, cfg.array_rows)
         R, C = cfg.array_rows, cfg.array_cols
         operand_bits = max(cfg.weight_format.bits, cfg.act_format.bits)
         super().__init__({
@@ -187,9 +191,6 @@ class MatmulArray(wiring.Component):
     #: drain copy), bias shift amount, coarse and fine bias shift, sum, output FIFO.
     latency = 11
 
-    #: Depth of the output FIFO; also the number of output rows in flight after the drain
-    #: registers (credits), enough to keep one row per cycle flowing.
-    out_depth = 8
 
     def elaborate(self, platform):
         m = Module()
@@ -198,10 +199,11 @@ class MatmulArray(wiring.Component):
         operand_bits = max(cfg.weight_format.bits, cfg.act_format.bits)
 
         # Global pipeline enable: everything up to the accumulators advances unless a finished
-        # tile waits for the drain registers. It is a function of registers only (the output
-        # side runs on credits), so out.ready never reaches this high-fanout net. The two
-        # operand streams are joined (ready needs the other's valid).
-        en = Signal()
+        # tile waits for the drain registers. It reaches every pipeline register, so it is a
+        # register itself (computed a cycle ahead from the next state of the control, below),
+        # and out.ready, which only moves the output FIFO, never reaches it. The two operand
+        # streams are joined (ready needs the other's valid).
+        en = Signal(init=1)
         m.d.comb += [self.act.ready.eq(en & self.weight.valid),
                      self.weight.ready.eq(en & self.act.valid)]
         take = en & self.act.valid & self.weight.valid
@@ -262,7 +264,7 @@ class MatmulArray(wiring.Component):
         term = [[Signal(signed(W), name=f"t_{r}_{c}") for c in range(C)] for r in range(R)]
         s3_done, s3_last, s4_done, s4_last = Signal(), Signal(), Signal(), Signal()
         with m.If(en):
-            m.d.sync += [s3_done.eq(s2_done), s4_done.eq(s3_done)]
+            m.d.sync += s3_done.eq(s2_done)
             with m.If(s2_done):
                 m.d.sync += s3_last.eq(s2_last)
                 for r in range(R):
@@ -272,7 +274,6 @@ class MatmulArray(wiring.Component):
                         m.d.sync += [coarse[r][c].eq(t >> (ushift[r][c] >> 3 << 3)),
                                      fine[r][c].eq(ushift[r][c][:3])]
             with m.If(s3_done):
-                m.d.sync += s4_last.eq(s3_last)
                 for r in range(R):
                     for c in range(C):
                         m.d.sync += term[r][c].eq(((coarse[r][c] >> fine[r][c]) + 1) >> 1)
@@ -291,11 +292,34 @@ class MatmulArray(wiring.Component):
         b_row = Signal.like(self.bias.payload.row_shift)
         credits = Signal(range(self.out_depth + 1), init=self.out_depth)
 
-        pop = full & bias_full & (credits != 0)
-        pop_last = pop & (row == R - 1)
-        drain_free = ~full | pop_last
+        # Control, all registers: pop (a drain row leaves: it has its bias and a credit),
+        # pop_last (the tile's last row) and en are computed from the next state of full,
+        # bias_full, row, credits and the stage-4 flags, so each is the same function of the
+        # state as if it were combinational, one cycle earlier.
+        pop, pop_last = Signal(), Signal()
         finish = s4_done & s4_last
-        m.d.comb += en.eq(~finish | drain_free)
+        depth = self.out_depth
+        level = Signal(range(depth + 1))  # rows in the output FIFO
+        back = (level != 0) & self.out.ready  # a row leaves the FIFO: its credit returns
+        bias_take = self.bias.valid & self.bias.ready
+        full_n = Mux(en & finish, 1, Mux(pop_last, 0, full))
+        bias_full_n = Mux(bias_take, 1, Mux(pop_last, 0, bias_full))
+        row_n = Mux(pop, Mux(row == R - 1, 0, row + 1), row)
+        # a credit comes back one cycle after its row left the FIFO (back_r), so the credit
+        # test below starts at registers: credits_n == 0 only if no credit comes back and
+        # either none is left or the last one is taken (zero / one: flags of credits)
+        back_r, zero, one = Signal(), Signal(), Signal(init=self.out_depth == 1)
+        credits_n = credits - pop + back_r
+        credits_nz = ~((zero | (one & pop)) & ~back_r)
+        s4_done_n = Mux(en, s3_done, s4_done)
+        s4_last_n = Mux(en & s3_done, s3_last, s4_last)
+        pop_n = full_n & bias_full_n & credits_nz
+        pop_last_n = pop_n & (row_n == R - 1)
+        m.d.sync += [full.eq(full_n), bias_full.eq(bias_full_n), row.eq(row_n),
+                     credits.eq(credits_n), back_r.eq(back), zero.eq(credits_n == 0),
+                     one.eq(credits_n == 1), s4_done.eq(s4_done_n), s4_last.eq(s4_last_n),
+                     pop.eq(pop_n), pop_last.eq(pop_last_n),
+                     en.eq(~(s4_done_n & s4_last_n) | ~full_n | pop_last_n)]
 
         # The accumulators restart from 0 after the tile's last block (a synchronous reset of
         # the register, no multiplexer in front of the adder).
@@ -306,27 +330,20 @@ class MatmulArray(wiring.Component):
                     m.d.sync += acc[r][c].eq(Mux(s4_last, 0, total))
                     with m.If(s4_last):
                         m.d.sync += drain[r][c].eq(total)
-        with m.If(en & finish):
-            m.d.sync += full.eq(1)
 
         # Drain: rows leave from row 0 (the registers shift up) into the output pipeline:
         # o1 (total bias shift per column), o2 (the aligned bias term), o3 (the sum), then
         # the FIFO. Each popped row takes a credit, returned when it leaves the FIFO, so the
         # pipeline never needs to stall.
         with m.If(pop):
-            m.d.sync += row.eq(Mux(row == R - 1, 0, row + 1))
             for r in range(R - 1):
                 m.d.sync += b_row[r].eq(b_row[r + 1])
                 for c in range(C):
                     m.d.sync += drain[r][c].eq(drain[r + 1][c])
-            with m.If(row == R - 1):
-                m.d.sync += bias_full.eq(0)
-        with m.If(pop_last & ~(en & finish)):
-            m.d.sync += full.eq(0)
 
         m.d.comb += self.bias.ready.eq(~bias_full | pop_last)
-        with m.If(self.bias.valid & self.bias.ready):
-            m.d.sync += [bias_full.eq(1), b_col.eq(self.bias.payload.col_shift),
+        with m.If(bias_take):
+            m.d.sync += [b_col.eq(self.bias.payload.col_shift),
                          b_row.eq(self.bias.payload.row_shift)]
             for c in range(C):
                 qb = self.bias.payload.b[c]
@@ -335,7 +352,6 @@ class MatmulArray(wiring.Component):
         # Output FIFO: LUT RAM with an asynchronous read port (first word fall-through); its
         # space is guaranteed by the credits. The third output stage registers straight into
         # the write port (data, enable, address are the stage's registers).
-        depth = self.out_depth
         row_layout = data.ArrayLayout(signed(cfg.acc_bits), C)
         m.submodules.out_mem = mem = memory.Memory(shape=row_layout, depth=depth, init=[])
         wp = mem.write_port()
@@ -371,13 +387,10 @@ class MatmulArray(wiring.Component):
         with m.If(wp.en):
             m.d.sync += wp.addr.eq(Mux(wp.addr == depth - 1, 0, wp.addr + 1))
 
-        level = Signal(range(depth + 1))
-        back = (level != 0) & self.out.ready
         m.d.comb += [self.out.valid.eq(level != 0), self.out.payload.eq(rp.data)]
         with m.If(back):
             m.d.sync += rp.addr.eq(Mux(rp.addr == depth - 1, 0, rp.addr + 1))
         m.d.sync += level.eq(level + wp.en - back)
-        m.d.sync += credits.eq(credits - pop + back)
         return m
 
 
