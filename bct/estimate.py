@@ -190,13 +190,16 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
                               else "none")
     # registers, stage by stage (hw/matmul.py)
     ff_in = R * (a + sb) + 1 + C * (op + sb) + 3 + (cfg.block_size - 1).bit_length()
-    ff_pe = (a + op) + bp + ub + W + 3 + W + acc + acc
-    ff_ctl = R * sb + C * sb + 4 + (R + C) * sb + 8
+    # per PE: operands and product (inside the DSP block when there is one), block product,
+    # total shift, the four rounding-shift stages, accumulator, drain register
+    ff_mul = 0 if dsp else (a + op) + (a + op)
+    ff_pe = ff_mul + bp + ub + 4 * W + acc + acc
+    ff_ctl = 2 * ((R + C) * sb + 4) + 16
     bt = vb + G + 2  # the stored bias (qb << G+1) - (qb < 0)
     ff_out = (C * (bt + bsb) + R * bsb                              # bias beat
               + C * (acc + bt + (2 * bias_shift_max).bit_length())  # o1
-              + C * (acc + bt + 3) + C * (acc + bt)                 # o2, o3
-              + C * acc + 16)                                       # o4 (write data), control
+              + C * (acc + bt + 3) + 2 * C * (acc + bt)             # o2, o3, o4
+              + C * acc + 16)                                       # write data, control
     ff = ff_in + pes * ff_pe + ff_ctl + ff_out
     levels_coarse = max(ub - 3, 0)
     lut_pe = (LUT_PER_BIT["shift"] * W * (levels_coarse + 3)
@@ -205,7 +208,7 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
     mul_luts = 0 if dsp else MUL_LUT_PER_BIT2 * pes * a * op
     lut = LUT_SCALE[family] * (pes * lut_pe + C * (vb + G) * bsb) + mul_luts
     if family.startswith("ice40"):  # no LUT RAM: the output FIFO is registers
-        ff += max(8, R) * C * acc
+        ff += max(10, R) * C * acc
     return {"pes": pes, "dsp": dsp, "ff": int(ff), "lut": int(round(lut)),
             "luts_per_mac": round(lut / pes, 1)}
 

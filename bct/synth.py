@@ -177,6 +177,46 @@ def _make_unit(name: str, cfg: Config, seq_len: int = DEFAULT_SEQ_LEN,
     raise ConfigError(f"unknown unit {name!r}; choose from {', '.join(UNIT_NAMES)} or all")
 
 
+class _ECP5Platform:
+    """The one device hook of the RTL for ECP5 synthesis (``platform`` of ``elaborate``).
+
+    Yosys' ECP5 flow maps a multiplier onto ``MULT18X18D`` but leaves its registers in the
+    fabric, so the DSP's combinational delay (about 4 ns) sits between two fabric registers.
+    :meth:`registered_multiplier` instantiates the DSP with its input and output registers
+    instead, cycle for cycle what ``MatmulArray`` infers without a platform.
+    """
+
+    @staticmethod
+    def registered_multiplier(m, a, b, out, en):
+        """``out`` = ``a * b`` two enabled clock edges later (operand and product registers
+        in the DSP block); ``a``, ``b`` signed, at most 18 bits."""
+        from amaranth import Cat, ClockSignal, Instance, Signal, Value
+
+        a, b = Value.cast(a), Value.cast(b)
+        A = Cat(a, *([a[-1]] * (18 - len(a))))
+        B = Cat(b, *([b[-1]] * (18 - len(b))))
+        P = Signal(36)
+        ports = {f"i_A{k}": A[k] for k in range(18)}
+        ports.update({f"i_B{k}": B[k] for k in range(18)})
+        ports.update({f"i_C{k}": 0 for k in range(18)})
+        ports.update({f"o_P{k}": P[k] for k in range(36)})
+        m.submodules += Instance(
+            "MULT18X18D",
+            p_REG_INPUTA_CLK="CLK0", p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
+            p_REG_INPUTB_CLK="CLK0", p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
+            p_REG_OUTPUT_CLK="CLK0", p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST0",
+            p_GSR="DISABLED", p_MULT_BYPASS="DISABLED", p_RESETMODE="SYNC",
+            p_SOURCEB_MODE="B_SHIFT", p_CLK0_DIV="ENABLED",
+            i_SIGNEDA=1, i_SIGNEDB=1, i_SOURCEA=0, i_SOURCEB=0,
+            i_CLK0=ClockSignal("sync"), i_CE0=en, i_RST0=0,
+            **ports)
+        m.d.comb += out.eq(P[:len(out)])
+
+
+def _platform(target: Target):
+    return _ECP5Platform() if target.family == "ecp5" else None
+
+
 def serial_wrapper(unit):
     """Wrap a component so that all its ports sit behind two shift registers.
 
@@ -285,8 +325,8 @@ def constraints(cfg: Config, target: Target | str) -> dict[str, str]:
             text += (f"set_property PACKAGE_PIN {pins[p]} [get_ports {p}]\n"
                      f"set_property IOSTANDARD LVCMOS33 [get_ports {p}]\n")
         text += f"create_clock -name clk -period {period:.3f} [get_ports clk]\n"
-        files[f"{t.name}.sdc"] = (_header(cfg, t, "#")
-                                  + f"create_clock -name clk -period {period:.3f} [get_ports clk]\n")
+        clock = f"create_clock -name clk -period {period:.3f} [get_ports clk]\n"
+        files[f"{t.name}.sdc"] = _header(cfg, t, "#") + clock
     files[f"{t.name}.{t.constraint_ext}"] = text
     return dict(sorted(files.items()))
 
@@ -421,7 +461,7 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
     work.mkdir(parents=True, exist_ok=True)
     top = serial_wrapper(_make_unit(unit, cfg, seq_len, hidden))
     text = (f"// bct-gen config {cfg.hash} unit {unit} target {t.name}\n"
-            + verilog.convert(top, name="top", emit_src=False))
+            + verilog.convert(top, name="top", emit_src=False, platform=_platform(t)))
     (work / "top.v").write_text(text)
     files = constraints(cfg, t)
     for name, body in files.items():
@@ -486,7 +526,8 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
         report["dsp_per_mac"] = round(report["dsp"] / pes, 3)
     report["yosys_version"] = yver.group(1) + (")" if yver and "(" in yver.group(1) else "") \
         if yver else None
-    report["cmd_yosys"] = (shlex.join(ycmd) + "  # synth.ys: " + script.replace("\n", "; ").strip("; ")
+    report["cmd_yosys"] = (shlex.join(ycmd) + "  # synth.ys: "
+                           + script.replace("\n", "; ").strip("; ")
                            + "; wrapper alone: " + shlex.join(wcmd) + "  # wrapper.ys: "
                            + wscript.replace("\n", "; ").strip("; "))
     report["fmax_mhz"] = None

@@ -118,12 +118,12 @@ class MatmulArray(wiring.Component):
     accumulators, rows in order, equal to ``matmul(x, w, cfg, bias).value`` of the tile.
     ``K`` must be a multiple of ``B = cfg.block_size``. Tiles follow each other back to back.
 
-    Latency: the first row of a tile is valid :attr:`latency` (11) cycles after the transfer of
-    its last beat (input register, multiply, block accumulate, two shift stages, accumulate,
-    four output stages, FIFO); every stage is register to register (the measured Fmax is in
-    docs/synthesis.md). Back-to-back tiles of reduction
-    ``K`` keep every PE busy on every cycle when ``K >= R`` (the drain of ``R`` rows hides under
-    the next tile); in general the steady-state utilisation is ``K / max(K, R)``. The output
+    Latency: the first row of a tile is valid :attr:`latency` (15) cycles after the transfer of
+    its last beat (input register, operand and product registers, block accumulate, four
+    rounding-shift stages, accumulate, five output stages, FIFO); every stage is register to
+    register (the measured Fmax is in docs/synthesis.md). Back-to-back tiles of reduction ``K``
+    keep every PE busy on every cycle when ``K >= R`` (the drain of ``R`` rows hides under the
+    next tile); in general the steady-state utilisation is ``K / max(K, R)``. The output
     side runs on credits (:attr:`out_depth` rows in flight behind the drain registers), so
     ``out.ready`` never reaches the array's pipeline enable.
 
@@ -155,9 +155,9 @@ class MatmulArray(wiring.Component):
         self.cfg = cfg
         self.shift_max, self.bias_shift_max = self.limits(cfg)
         #: Depth of the output FIFO; also the number of output rows in flight after the drain
-        #: registers (credits): a row's credit is back 7 cycles after it left, so 8 keep one
+        #: registers (credits): a row's credit is back 8 cycles after it left, so 10 keep one
         #: row per cycle flowing, and R let a whole tile drain at once.
-        self.out_depth = max(8, cfg.array_rows)
+        self.out_depth = max(10, cfg.array_rows)
         R, C = cfg.array_rows, cfg.array_cols
         operand_bits = max(cfg.weight_format.bits, cfg.act_format.bits)
         super().__init__({
@@ -187,9 +187,10 @@ class MatmulArray(wiring.Component):
         return cfg.block_product_bits + G, cfg.vector_format.bits + G
 
     #: Register stages from the last ``act``/``weight`` transfer of a tile to its first output
-    #: row: input, multiply, block accumulate, coarse shift, fine shift, accumulate (and
-    #: drain copy), bias shift amount, coarse and fine bias shift, sum, output FIFO.
-    latency = 11
+    #: row: input, operands, product, block accumulate, rounding shift (operand, coarse, fine,
+    #: round), accumulate (and drain copy), bias shift amount, coarse, fine and rounded bias
+    #: term, sum, output FIFO.
+    latency = 15
 
 
     def elaborate(self, platform):
@@ -222,21 +223,41 @@ class MatmulArray(wiring.Component):
                              s0_first.eq(kpos == 0), s0_block_last.eq(kpos == B - 1),
                              kpos.eq(kpos + 1)]
 
-        # Stage 1: one product per PE (a registered multiplier: one DSP block).
+        # Stage 1: one product per PE, two register stages (operands, product): one DSP block
+        # with its input and output registers. A synthesis platform may provide
+        # ``registered_multiplier(m, a, b, out, en)`` that instantiates the device's DSP
+        # primitive with exactly these two registers (bct.synth does for ECP5, whose Yosys
+        # flow does not pack registers into MULT18X18D); otherwise it is inferred.
         mul = [[Signal(signed(cfg.act_format.bits + operand_bits), name=f"mul_{r}_{c}")
                 for c in range(C)] for r in range(R)]
+        hook = getattr(platform, "registered_multiplier", None)
+        sm_valid, sm_first, sm_block_last, sm_last = Signal(), Signal(), Signal(), Signal()
+        sm_ashift = Signal.like(s0_act.shift)
+        sm_wshift = Signal.like(s0_wgt.shift)
+        with m.If(en):
+            m.d.sync += sm_valid.eq(s0_valid)
+            with m.If(s0_valid):
+                m.d.sync += [sm_first.eq(s0_first), sm_block_last.eq(s0_block_last),
+                             sm_last.eq(s0_act.last), sm_ashift.eq(s0_act.shift),
+                             sm_wshift.eq(s0_wgt.shift)]
+        for r in range(R):
+            for c in range(C):
+                if hook is not None:
+                    hook(m, s0_act.x[r], s0_wgt.w[c], mul[r][c], en)
+                    continue
+                xa = Signal.like(s0_act.x[r], name=f"xa_{r}_{c}")
+                wb = Signal.like(s0_wgt.w[c], name=f"wb_{r}_{c}")
+                with m.If(en):
+                    m.d.sync += [xa.eq(s0_act.x[r]), wb.eq(s0_wgt.w[c]), mul[r][c].eq(xa * wb)]
         s1_valid, s1_first, s1_block_last, s1_last = Signal(), Signal(), Signal(), Signal()
         s1_ashift = Signal.like(s0_act.shift)
         s1_wshift = Signal.like(s0_wgt.shift)
         with m.If(en):
-            m.d.sync += s1_valid.eq(s0_valid)
-            with m.If(s0_valid):
-                m.d.sync += [s1_first.eq(s0_first), s1_block_last.eq(s0_block_last),
-                             s1_last.eq(s0_act.last), s1_ashift.eq(s0_act.shift),
-                             s1_wshift.eq(s0_wgt.shift)]
-                for r in range(R):
-                    for c in range(C):
-                        m.d.sync += mul[r][c].eq(s0_act.x[r] * s0_wgt.w[c])
+            m.d.sync += s1_valid.eq(sm_valid)
+            with m.If(sm_valid):
+                m.d.sync += [s1_first.eq(sm_first), s1_block_last.eq(sm_block_last),
+                             s1_last.eq(sm_last), s1_ashift.eq(sm_ashift),
+                             s1_wshift.eq(sm_wshift)]
 
         # Stage 2: accumulate the block product P; at the block's end, each PE's total shift.
         W = cfg.block_product_bits + G + 1  # width of (P << G+1) - (P < 0)
@@ -257,26 +278,39 @@ class MatmulArray(wiring.Component):
                         for c in range(C):
                             m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
 
-        # Stages 3 and 4: round_shift(P << G, u) = (((P << G+1) - (P < 0)) >>> u) + 1) >>> 1
-        # (round_shift_hw), the arithmetic shift split into u & ~7 (stage 3) and u & 7.
-        coarse = [[Signal(signed(W), name=f"sc_{r}_{c}") for c in range(C)] for r in range(R)]
-        fine = [[Signal(3, name=f"sf_{r}_{c}") for c in range(C)] for r in range(R)]
-        term = [[Signal(signed(W), name=f"t_{r}_{c}") for c in range(C)] for r in range(R)]
+        # Stages 3a, 3b, 3 and 4: round_shift(P << G, u) = (((P << G+1) - (P < 0)) >>> u) + 1)
+        # >>> 1 (round_shift_hw): the operand, the arithmetic shift by u & ~7, by u & 7, the
+        # rounding. (u is read in place: it changes only at the next block's end, B >= 8 beats
+        # later.) One stage each, so that no path holds more than a carry chain or a 3-level
+        # multiplexer.
+        def regs(prefix):
+            return [[Signal(signed(W), name=f"{prefix}_{r}_{c}") for c in range(C)]
+                    for r in range(R)]
+        opnd, coarse, fined, term = regs("so"), regs("sc"), regs("sf"), regs("t")
+        sa_done, sa_last, sb_done, sb_last = Signal(), Signal(), Signal(), Signal()
         s3_done, s3_last, s4_done, s4_last = Signal(), Signal(), Signal(), Signal()
         with m.If(en):
-            m.d.sync += s3_done.eq(s2_done)
+            m.d.sync += [sa_done.eq(s2_done), sb_done.eq(sa_done), s3_done.eq(sb_done)]
             with m.If(s2_done):
-                m.d.sync += s3_last.eq(s2_last)
+                m.d.sync += sa_last.eq(s2_last)
                 for r in range(R):
                     for c in range(C):
                         p = prod[r][c]
-                        t = (p << (G + 1)) - (p < 0)
-                        m.d.sync += [coarse[r][c].eq(t >> (ushift[r][c] >> 3 << 3)),
-                                     fine[r][c].eq(ushift[r][c][:3])]
+                        m.d.sync += opnd[r][c].eq((p << (G + 1)) - (p < 0))
+            with m.If(sa_done):
+                m.d.sync += sb_last.eq(sa_last)
+                for r in range(R):
+                    for c in range(C):
+                        m.d.sync += coarse[r][c].eq(opnd[r][c] >> (ushift[r][c] >> 3 << 3))
+            with m.If(sb_done):
+                m.d.sync += s3_last.eq(sb_last)
+                for r in range(R):
+                    for c in range(C):
+                        m.d.sync += fined[r][c].eq(coarse[r][c] >> ushift[r][c][:3])
             with m.If(s3_done):
                 for r in range(R):
                     for c in range(C):
-                        m.d.sync += term[r][c].eq(((coarse[r][c] >> fine[r][c]) + 1) >> 1)
+                        m.d.sync += term[r][c].eq((fined[r][c] + 1) >> 1)
 
         # Stage 5: accumulate; a finished tile is copied into the drain registers.
         acc = [[Signal(signed(cfg.acc_bits), name=f"acc_{r}_{c}") for c in range(C)]
@@ -359,17 +393,18 @@ class MatmulArray(wiring.Component):
 
         # o1: the row and its total bias shifts; o2 / o3: round_shift(qb << G, u) in the PE's
         # two shift stages; o4 (the write port's data): the sum.
-        o1_valid, o2_valid, o3_valid = Signal(), Signal(), Signal()
+        o1_valid, o2_valid, o3_valid, o4_valid = Signal(), Signal(), Signal(), Signal()
         ub = range(2 * self.bias_shift_max + 1)
         d = [[Signal(signed(cfg.acc_bits), name=f"o{i}d_{c}") for c in range(C)]
-             for i in (1, 2, 3)]
+             for i in (1, 2, 3, 4)]
         o1_t = [Signal.like(b_t[c], name=f"o1t_{c}") for c in range(C)]
         o1_u = [Signal(ub, name=f"o1u_{c}") for c in range(C)]
         o2_t = [Signal.like(b_t[c], name=f"o2t_{c}") for c in range(C)]
         o2_f = [Signal(3, name=f"o2f_{c}") for c in range(C)]
         o3_t = [Signal.like(b_t[c], name=f"o3t_{c}") for c in range(C)]
+        o4_t = [Signal.like(b_t[c], name=f"o4t_{c}") for c in range(C)]
         m.d.sync += [o1_valid.eq(pop), o2_valid.eq(o1_valid), o3_valid.eq(o2_valid),
-                     wp.en.eq(o3_valid)]
+                     o4_valid.eq(o3_valid), wp.en.eq(o4_valid)]
         with m.If(pop):
             for c in range(C):
                 m.d.sync += [d[0][c].eq(drain[0][c]), o1_t[c].eq(b_t[c]),
@@ -380,10 +415,13 @@ class MatmulArray(wiring.Component):
                              o2_f[c].eq(o1_u[c][:3])]
         with m.If(o2_valid):
             for c in range(C):
-                m.d.sync += [d[2][c].eq(d[1][c]), o3_t[c].eq(((o2_t[c] >> o2_f[c]) + 1) >> 1)]
+                m.d.sync += [d[2][c].eq(d[1][c]), o3_t[c].eq(o2_t[c] >> o2_f[c])]
         with m.If(o3_valid):
             for c in range(C):
-                m.d.sync += wp.data[c].eq(d[2][c] + o3_t[c])
+                m.d.sync += [d[3][c].eq(d[2][c]), o4_t[c].eq((o3_t[c] + 1) >> 1)]
+        with m.If(o4_valid):
+            for c in range(C):
+                m.d.sync += wp.data[c].eq(d[3][c] + o4_t[c])
         with m.If(wp.en):
             m.d.sync += wp.addr.eq(Mux(wp.addr == depth - 1, 0, wp.addr + 1))
 
