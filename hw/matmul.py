@@ -336,22 +336,35 @@ class MatmulArray(wiring.Component):
         level = Signal(range(depth + 1))  # rows in the output FIFO
         back = (level != 0) & self.out.ready  # a row leaves the FIFO: its credit returns
         bias_take = self.bias.valid & self.bias.ready
-        full_n = Mux(en & finish, 1, Mux(pop_last, 0, full))
-        bias_full_n = Mux(bias_take, 1, Mux(pop_last, 0, bias_full))
-        row_n = Mux(pop, Mux(row == R - 1, 0, row + 1), row)
+        # The registered en, pop and pop_last drive thousands of flip-flops; the next-state
+        # logic uses their values recomputed from the low-fan-out state registers instead
+        # (equal by construction), so no high-fan-out net sits on a control path.
+        zero = Signal()
+        pop_c = full & bias_full & ~zero
+        pop_last_c = pop_c & (row == R - 1)
+        en_c = ~finish | ~full | pop_last_c
+        full_n = Mux(en_c & finish, 1, Mux(pop_last_c, 0, full))
+        bias_full_n = Mux(self.bias.valid & (~bias_full | pop_last_c), 1,
+                          Mux(pop_last_c, 0, bias_full))
+        row_n = Mux(pop_c, Mux(row == R - 1, 0, row + 1), row)
         # a credit comes back one cycle after its row left the FIFO (back_r), so the credit
         # test below starts at registers: credits_n == 0 only if no credit comes back and
         # either none is left or the last one is taken (zero / one: flags of credits)
-        back_r, zero, one = Signal(), Signal(), Signal(init=self.out_depth == 1)
-        credits_n = credits - pop + back_r
-        credits_nz = ~((zero | (one & pop)) & ~back_r)
-        s4_done_n = Mux(en, s3_done, s4_done)
-        s4_last_n = Mux(en & s3_done, s3_last, s4_last)
+        # (the candidates credits - 1, + 1 and their tests come from registers; pop_c only
+        # selects among them)
+        back_r, one = Signal(), Signal(init=self.out_depth == 1)
+        dec, inc = pop_c & ~back_r, back_r & ~pop_c
+        credits_n = Mux(dec, credits - 1, Mux(inc, credits + 1, credits))
+        zero_n = Mux(dec, credits == 1, Mux(inc, 0, credits == 0))
+        one_n = Mux(dec, credits == 2, Mux(inc, credits == 0, credits == 1))
+        credits_nz = ~((zero | (one & pop_c)) & ~back_r)
+        s4_done_n = Mux(en_c, s3_done, s4_done)
+        s4_last_n = Mux(en_c & s3_done, s3_last, s4_last)
         pop_n = full_n & bias_full_n & credits_nz
         pop_last_n = pop_n & (row_n == R - 1)
         m.d.sync += [full.eq(full_n), bias_full.eq(bias_full_n), row.eq(row_n),
-                     credits.eq(credits_n), back_r.eq(back), zero.eq(credits_n == 0),
-                     one.eq(credits_n == 1), s4_done.eq(s4_done_n), s4_last.eq(s4_last_n),
+                     credits.eq(credits_n), back_r.eq(back), zero.eq(zero_n),
+                     one.eq(one_n), s4_done.eq(s4_done_n), s4_last.eq(s4_last_n),
                      pop.eq(pop_n), pop_last.eq(pop_last_n),
                      en.eq(~(s4_done_n & s4_last_n) | ~full_n | pop_last_n)]
 
