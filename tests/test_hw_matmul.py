@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from bct.config import Config
+from bct.generate import MATMUL_UNUSED
 from bct.hw.matmul import MatmulArray, round_shift_hw, shifts, tile_payloads
 from bct.model.blocks import BlockTensor, encode
 from bct.model.fixed import round_shift_int
@@ -223,16 +224,11 @@ def test_matmul_array(name, real_data, tmp_path):
 #: WIDTH: Yosys emits operands narrower than their context (as bct.sim.runner.VERILATOR_ARGS);
 #: PROCASSINIT: every register is declared with its reset value as initial value.
 LINT_ARGS = ("-Wno-WIDTH", "-Wno-PROCASSINIT")
-#: UNUSEDSIGNAL only for Yosys' anonymous ``$`` temporaries (wide intermediate results that are
-#: deliberately truncated) and Amaranth's per-field alias wires of struct / array payloads
-#: (``name.field``, ``name[i]``) and of the output FIFO's read port (``rp.data``, an alias of
-#: ``out.payload``); the storage signals themselves are still checked.
-LINT_CONFIG = """`verilator_config
-lint_off -rule UNUSEDSIGNAL -file "*" -match "Bits of signal are not used: '$*"
-lint_off -rule UNUSEDSIGNAL -file "*" -match "Signal is not used: '*.*'"
-lint_off -rule UNUSEDSIGNAL -file "*" -match "Signal is not used: '*]'"
-lint_off -rule UNUSEDSIGNAL -file "*" -match "Signal is not used: 'rp__data'"
-"""
+#: UNUSEDSIGNAL only for the patterns the generator waives (bct.generate.MATMUL_UNUSED: Yosys'
+#: ``$`` temporaries, per-field alias wires, the FIFO read port's data alias); the storage
+#: signals themselves are still checked.
+LINT_CONFIG = "`verilator_config\n" + "".join(
+    f'lint_off -rule UNUSEDSIGNAL -file "*" -match "{m}"\n' for m in MATMUL_UNUSED)
 
 
 @pytest.mark.parametrize("name", ["4x4-a8w8-b8", "8x8-a8w4-b8-wb16"])
