@@ -17,6 +17,7 @@ __all__ = [
     "round_shift",
     "round_shift_int",
     "round_half_away",
+    "round_half_away_float",
     "round_div",
     "round_div_int",
     "saturate",
@@ -77,11 +78,16 @@ def round_half_away(y) -> np.ndarray:
     ``floor(|y|)`` and ``|y| - floor(|y|)`` are exact in binary floating point, so the tie test is
     exact for every finite ``y`` (unlike ``floor(y + 0.5)``).
     """
+    return round_half_away_float(y).astype(np.int64)
+
+
+def round_half_away_float(y) -> np.ndarray:
+    """:func:`round_half_away` kept in float64 (integral values), for exact float64 kernels."""
     y = np.asarray(y, dtype=np.float64)
     a = np.abs(y)
-    f = np.floor(a)
-    r = f + (a - f >= 0.5)
-    return np.copysign(r, y).astype(np.int64)
+    r = np.floor(a)
+    r += (a - r) >= 0.5
+    return np.copysign(r, y, out=r)
 
 
 def round_div(n, d):

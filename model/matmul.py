@@ -26,7 +26,7 @@ import numpy as np
 
 from bct.config import EXACT_FLOAT_BITS, MAX_ADD_TERMS, Config, ConfigError
 from bct.model.blocks import BlockTensor, requantize
-from bct.model.fixed import round_shift, round_shift_int
+from bct.model.fixed import round_half_away_float, round_shift, round_shift_int
 
 __all__ = [
     "Fixed", "matmul", "matmul_pyint", "linear", "add", "row_scale", "act_blocks", "check_operands",
@@ -112,12 +112,17 @@ def _exact_frac_bits(cfg: Config, K: int) -> int:
 
     Every term is ``P * 2**-s'`` with ``s' >= -G`` and ``sum |P| <= K * qa * qop``, so any partial
     sum (with the bounded corrections added) is below ``2 * acc_bound + K``; a float64 holds
-    every multiple of ``2**-F`` below ``2**(53 - F)`` exactly. Every valid config leaves
-    ``F >= 11`` (``F >= 0`` is all the method needs; fewer bits only mean more corrections).
+    every multiple of ``2**-F`` below ``2**(53 - F)`` exactly. ``F >= 0`` is all the method
+    needs (fewer bits only mean more corrections); the valid configs of a grid over operand
+    widths, guard bits and ``max_reduction`` all leave ``F >= 11`` (LayerNorm's width check
+    binds first), and a negative ``F`` is refused rather than computed inexactly.
     """
     qa = cfg.act_format.qmax
     bound = ((K * qa * cfg.operand_qmax) << cfg.acc_guard_bits) * 2 + K
-    return EXACT_FLOAT_BITS - 1 - bound.bit_length()
+    frac = EXACT_FLOAT_BITS - 1 - bound.bit_length()
+    if frac < 0:
+        raise ConfigError(f"a reduction of {K} leaves no exact float64 fraction bits for the matmul")
+    return frac
 
 
 def _gemm_with_corrections(x: BlockTensor, w: BlockTensor, scale: np.ndarray, frac: int) -> np.ndarray:
@@ -178,14 +183,12 @@ def _gemm_with_corrections(x: BlockTensor, w: BlockTensor, scale: np.ndarray, fr
 def _correction(p, fx, fw, cx, cw) -> np.ndarray:
     """``round(p * fx fw) - p * cx cw`` for block products ``p`` (rows x cols), exactly.
 
-    ``fx fw = 2**-s`` and ``cx cw = 2**-s'`` are powers of two. RHAZ is ``trunc(t +- 1/2)``:
-    exact because ``t`` has few significant bits, and the identity on integers (``s <= 0``), so
-    the result is 0 where ``s' == s <= 0``. ``p`` is overwritten.
+    ``fx fw = 2**-s`` and ``cx cw = 2**-s'`` are powers of two, so both products are exact;
+    the rounding is the project's one rule (:func:`~bct.model.fixed.round_half_away_float`,
+    the identity on integers), so the result is 0 where ``s' == s <= 0``. ``p`` is overwritten.
     """
     t = np.multiply(p, np.multiply.outer(fx, fw), out=p)
-    r = np.copysign(0.5, t)
-    r += t
-    np.trunc(r, out=r)
+    r = round_half_away_float(t)
     t *= np.multiply.outer(cx / fx, cw / fw)  # now p * 2**-s' (ratios are powers of two)
     r -= t
     return r
