@@ -38,7 +38,7 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from bct.config import ConfigError
+from bct.config import Config, ConfigError
 from bct.hw.blockify import Blockifier, round_shift_saturate, shift_code
 from bct.hw.gelu import GeluUnit
 from bct.hw.layernorm import LayerNormUnit
@@ -69,7 +69,13 @@ module bct_image_rom #(parameter WIDTH = 8, parameter DEPTH = 1, parameter ABITS
 endmodule
 """
 
-_SCALE_BITS = 12
+
+
+def _exp_width(cfg: Config) -> int:
+    """Signed width of the controller's exponent arithmetic (row maxima, row scales, shifts):
+    a sum of two exponents minus the guard bits needs ``exp_bits + 2`` bits; two more spare."""
+    return max(f.exp_bits for f in (cfg.act_format, cfg.weight_format, cfg.vector_format)) + 4
+
 _CYCLE_BITS = 32
 
 
@@ -202,9 +208,8 @@ class LayerAccelerator(wiring.Component):
     # ------------------------------------------------------------------------------------
     def elaborate(self, platform):
         m = Module()
-        cfg, prog = self.cfg, self.prog
-        B, R, C, G = cfg.block_size, cfg.array_rows, cfg.array_cols, cfg.acc_guard_bits
-        T = self.T
+        cfg = self.cfg
+        B = cfg.block_size
         af, wf, vf = cfg.act_format, cfg.weight_format, cfg.vector_format
         AW, WW, VW = self.widths["amem"], self.widths["wmem"], self.widths["vmem"]
         alay = data.StructLayout({"mant": data.ArrayLayout(signed(af.bits), B),
@@ -303,11 +308,11 @@ class LayerAccelerator(wiring.Component):
 
         # ---------------- shared blockifier and write port
         wide = max(cfg.acc_bits, cfg.add_bits, cfg.ln_out_bits, cfg.softmax_out_frac + 2)
-        m.submodules.blk = blk = Blockifier(cfg, wide, _SCALE_BITS, af)
+        m.submodules.blk = blk = Blockifier(cfg, wide, _exp_width(cfg), af)
         m.submodules.afifo = afifo = SyncFIFO(width=self.abits, depth=4)
         bk_valid = Signal()
         bk_value = Signal(data.ArrayLayout(signed(wide), B))
-        bk_scale = Signal(signed(_SCALE_BITS))
+        bk_scale = Signal(signed(_exp_width(cfg)))
         bk_addr = Signal(self.abits)
         bk_ready = Signal()
         m.d.comb += [
@@ -361,7 +366,7 @@ class LayerAccelerator(wiring.Component):
         m.submodules.array = arr = MatmulArray(cfg)
         smax, bmax = arr.shift_max, arr.bias_shift_max
         opb = max(cfg.weight_format.bits, af.bits)
-        EB = 12
+        EB = _exp_width(cfg)
 
         phase = Signal(range(4))  # 0 idle, 1 scan, 2 scales, 3 run
         rowmax = [Signal(signed(EB), name=f"rowmax{t}") for t in range(T)]
@@ -578,7 +583,7 @@ class LayerAccelerator(wiring.Component):
         cfg = self.cfg
         af = cfg.act_format
         B = cfg.block_size
-        EB = 12
+        EB = _exp_width(cfg)
         # sh(a) = bitlen(a) - bitlen(qmax) for 0 < a <= qmax (checked against the definition)
         qb = af.qmax.bit_length()
         table = _min_shift_table(af)
@@ -636,7 +641,7 @@ class LayerAccelerator(wiring.Component):
         B, G = cfg.block_size, cfg.acc_guard_bits
         af, vf = cfg.act_format, cfg.vector_format
         T, NB = self.T, self.max_blocks
-        EB = 12
+        EB = _exp_width(cfg)
         AW = self.widths["amem"]
         rowop = is_kind["softmax"] | is_kind["gelu"] | is_kind["add"] | is_kind["ln"]
         two = is_kind["add"] | is_kind["ln"]
