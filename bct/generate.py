@@ -115,7 +115,7 @@ def _units(cfg: Config, opt: GenOptions) -> dict:
     blk = {"latency_cycles": Blockifier.latency, "throughput": "1 block per cycle"}
     ln_period = max(ln.beats, ln.row_cycles)
     array = MatmulArray(cfg)
-    mm_latency = getattr(array, "latency", 3)
+    mm_latency = MatmulArray.latency
     return {
         "bct_matmul": (array, {
             "latency_cycles": mm_latency,
@@ -124,7 +124,7 @@ def _units(cfg: Config, opt: GenOptions) -> dict:
             "throughput": "one K-element (R x C MACs) per cycle; PE utilisation K / max(K, R) "
                           "on back-to-back tiles",
             "parameters": {"rows": cfg.array_rows, "cols": cfg.array_cols},
-        }, ["WIDTHEXPAND", "WIDTHTRUNC", "PROCASSINIT", "UNUSEDSIGNAL"]),
+        }, base),
         "bct_blockify_acc": (Blockifier(cfg, cfg.acc_bits, _acc_scale_bits(cfg), cfg.act_format),
                              dict(blk, parameters={"in_width": cfg.acc_bits,
                                                    "scale_bits": _acc_scale_bits(cfg)}), base),
@@ -134,7 +134,7 @@ def _units(cfg: Config, opt: GenOptions) -> dict:
                                      "throughput": "1 block per cycle"}, base + ["DECLFILENAME"]),
         "bct_softmax": (sm, {
             "latency_cycles": sm.latency(sm.max_blocks),
-            "latency": f"2 L + {sm.div_stages + sm.latency(0) - sm.div_stages} cycles from a "
+            "latency": f"2 L + {sm.latency(0)} cycles from a "
                        f"row's first block to its first output (L blocks per row)",
             "throughput": "1 block per cycle for rows of any length",
             "parameters": {"max_len": opt.max_len, "div_bits": opt.softmax_div_bits,
