@@ -9,6 +9,11 @@ block's largest magnitude ``m`` rounds to at most ``qmax`` (``m * 2**-e < qmax +
 every element with the project's rule (:mod:`bct.model.fixed`) and saturates. An all-zero block
 therefore gets ``e_min``. The same rule applies to floats (:func:`encode`) and to fixed-point
 integers (:func:`requantize`, integer-only); both give identical results on the same values.
+
+:func:`encode` can instead search the exponent (``exp_search="mse"``, used for weights by
+``Config.weight_exp_search``): among that exponent and the :data:`MSE_SEARCH_DEPTH` below it, the
+one with the smallest squared error of the block, clipping the few largest elements to
+``+-qmax`` in exchange for a finer step.
 """
 
 from __future__ import annotations
@@ -18,9 +23,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from bct.config import BlockFormat, ConfigError
-from bct.model.fixed import bit_length, round_half_away, round_shift
+from bct.model.fixed import bit_length, round_half_away, round_half_away_float, round_shift
 
-__all__ = ["BlockTensor", "encode", "requantize", "reblock_transposed", "to_fixed", "shared_exponent"]
+__all__ = [
+    "BlockTensor",
+    "encode",
+    "requantize",
+    "reblock_transposed",
+    "to_fixed",
+    "shared_exponent",
+    "mse_exponent",
+    "block_sq_error",
+    "EXP_SEARCHES",
+    "MSE_SEARCH_DEPTH",
+]
+
+#: The ways :func:`encode` chooses a block's shared exponent (see :func:`encode`).
+EXP_SEARCHES = ("max", "mse")
+
+#: Exponents below the no-clipping one that the ``"mse"`` search tries.
+MSE_SEARCH_DEPTH = 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,7 +134,66 @@ def shared_exponent(m: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     return np.clip(e, fmt.e_min, fmt.e_max)
 
 
-def encode(x, fmt: BlockFormat) -> BlockTensor:
+def block_sq_error(xb: np.ndarray, e: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """Squared encoding error of every block at the given exponents, in units of ``4**e``.
+
+    Parameters
+    ----------
+    xb : numpy.ndarray of float64, shape (..., B)
+        Blocks of values.
+    e : numpy.ndarray of int64, shape (...)
+        One exponent per block (in the format's range).
+    fmt : BlockFormat
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape (...)
+        ``sum((x * 2**-e - q)**2)`` with ``q = clamp(RHAZ(x * 2**-e), -qmax, qmax)``, the
+        integers :func:`encode` stores at exponent ``e``. Each residual ``x * 2**-e - q`` is exact
+        in float64 (``q`` is an integer on the grid of ``x * 2**-e`` or ``+-qmax`` below it); only
+        the squares and their sum are rounded (deterministically).
+    """
+    y = np.ldexp(xb, -e[..., None])
+    r = y - np.clip(round_half_away_float(y), -fmt.qmax, fmt.qmax)
+    return np.einsum("...i,...i->...", r, r)
+
+
+def mse_exponent(xb: np.ndarray, fmt: BlockFormat, depth: int = MSE_SEARCH_DEPTH) -> np.ndarray:
+    """Per block, the exponent among ``e0, e0 - 1, ..., e0 - depth`` (not below ``e_min``) with
+    the smallest squared encoding error, ``e0`` being :func:`shared_exponent` of the block max.
+
+    A smaller exponent halves the step and saturates the elements above ``(qmax + 1/2) * 2**e``.
+    Errors at different exponents are compared exactly scaled to ``e0`` (``err(e) =
+    4**(e - e0) * block_sq_error(e)``, a power-of-two factor); a smaller exponent is taken only
+    when its error is strictly smaller, so ties keep the larger exponent. All-zero blocks keep
+    ``e_min``.
+
+    Parameters
+    ----------
+    xb : numpy.ndarray of float64, shape (..., B)
+        Finite values, blocked along the last axis.
+    fmt : BlockFormat
+    depth : int
+        How many exponents below ``e0`` to try (``0`` gives ``e0``).
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (...)
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be a non-negative int, not {depth!r}")
+    e0 = shared_exponent(np.abs(xb).max(axis=-1), fmt)
+    best_e, best_err = e0, block_sq_error(xb, e0, fmt)
+    for d in range(1, depth + 1):
+        e = np.maximum(e0 - d, fmt.e_min)
+        err = np.ldexp(block_sq_error(xb, e, fmt), 2 * (e - e0))
+        better = err < best_err
+        best_e = np.where(better, e, best_e)
+        best_err = np.where(better, err, best_err)
+    return best_e
+
+
+def encode(x, fmt: BlockFormat, exp_search: str = "max") -> BlockTensor:
     """Encode float values into block format along the last axis.
 
     Parameters
@@ -120,16 +201,26 @@ def encode(x, fmt: BlockFormat) -> BlockTensor:
     x : array_like of float, shape (..., K)
         ``K`` must be a multiple of ``fmt.block``; NaN and infinities are refused.
     fmt : BlockFormat
+    exp_search : {"max", "mse"}
+        How each block's exponent is chosen: ``"max"``, the smallest exponent at which the
+        block's largest magnitude does not saturate (:func:`shared_exponent`); ``"mse"``, the one
+        of smallest squared error among that exponent and the :data:`MSE_SEARCH_DEPTH` below it
+        (:func:`mse_exponent`). The integers are rounded by the same rule either way.
 
     Returns
     -------
     BlockTensor
     """
+    if exp_search not in EXP_SEARCHES:
+        raise ValueError(f"exp_search must be 'max' or 'mse', not {exp_search!r}")
     x = np.asarray(x, dtype=np.float64)
     if not np.isfinite(x).all():
         raise ValueError("cannot encode NaN or infinite values")
     xb = _blocked(x, fmt.block)
-    e = shared_exponent(np.abs(xb).max(axis=-1), fmt)
+    if exp_search == "mse":
+        e = mse_exponent(xb, fmt)
+    else:
+        e = shared_exponent(np.abs(xb).max(axis=-1), fmt)
     q = round_half_away(np.ldexp(xb, -e[..., None]))
     q = np.clip(q, -fmt.qmax, fmt.qmax)
     return BlockTensor(q.reshape(x.shape), e, fmt)

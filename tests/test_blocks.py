@@ -5,7 +5,20 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from bct.config import BlockFormat, Config, ConfigError
-from bct.model.blocks import BlockTensor, encode, reblock_transposed, requantize, shared_exponent, to_fixed
+from fractions import Fraction
+
+from bct.model.blocks import (
+    MSE_SEARCH_DEPTH,
+    BlockTensor,
+    block_sq_error,
+    encode,
+    mse_exponent,
+    reblock_transposed,
+    requantize,
+    shared_exponent,
+    to_fixed,
+)
+from bct.model.fixed import round_half_away
 
 FORMATS = [BlockFormat(8, 32, 8), BlockFormat(4, 8, 8), BlockFormat(6, 128, 5), BlockFormat(2, 16, 4)]
 
@@ -165,3 +178,130 @@ def test_huge_scales_saturate_instead_of_wrapping():
     assert big.exp.tolist() == [[fmt.e_max]] and big.mant[0, :3].tolist() == [fmt.qmax, -fmt.qmax, 0]
     t = BlockTensor(y.astype(np.int64), np.array([[fmt.e_max]]), fmt)
     assert to_fixed(t, 8, 17)[0, :3].tolist() == [2**16 - 1, -(2**16 - 1), 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Exponent search (exp_search="mse", Config.weight_exp_search)
+
+
+def _exact_block_error(blk, e: int, fmt: BlockFormat) -> Fraction:
+    """Exact squared error of one block stored at exponent ``e`` (clamped RHAZ integers)."""
+    total = Fraction(0)
+    for v in blk:
+        v = Fraction(float(v))
+        y = v / Fraction(2) ** e
+        q = int(abs(y) + Fraction(1, 2)) * (1 if y >= 0 else -1)  # RHAZ on exact rationals
+        q = max(-fmt.qmax, min(fmt.qmax, q))
+        total += (v - q * Fraction(2) ** e) ** 2
+    return total
+
+
+def _mse_exponent_brute(blk, fmt: BlockFormat) -> int:
+    """The smallest exact error among e0, e0-1, e0-2 (not below e_min); ties keep the larger."""
+    e0 = _smallest_exponent_brute(np.abs(blk).max(), fmt) if np.abs(blk).max() > 0 else fmt.e_min
+    best, best_err = e0, _exact_block_error(blk, e0, fmt)
+    for e in range(e0 - 1, max(e0 - MSE_SEARCH_DEPTH, fmt.e_min) - 1, -1):
+        err = _exact_block_error(blk, e, fmt)
+        if err < best_err:
+            best, best_err = e, err
+    return best
+
+
+SEARCH_FORMATS = [BlockFormat(4, 32, 6), BlockFormat(4, 128, 6), BlockFormat(8, 32, 8), BlockFormat(3, 8, 4)]
+
+
+def _search_data(fmt: BlockFormat, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # Gaussian and heavy-tailed (Student t) blocks over a range of scales, some with one outlier
+    x = rng.standard_normal((24, 4 * fmt.block))
+    x[8:16] = rng.standard_t(3, (8, 4 * fmt.block))
+    x[16:, :: fmt.block] *= 20.0
+    return x * np.exp2(rng.integers(-6, 6, (24, 1)))
+
+
+@pytest.mark.parametrize("fmt", SEARCH_FORMATS)
+def test_mse_search_equals_exact_brute_force(fmt):
+    x = _search_data(fmt, 1)
+    t = encode(x, fmt, "mse")
+    t.check()
+    blocks = x.reshape(x.shape[0], -1, fmt.block)
+    brute = np.array([[_mse_exponent_brute(b, fmt) for b in row] for row in blocks])
+    assert t.exp.tolist() == brute.tolist()
+    # the integers are those of the one rounding rule at the chosen exponent
+    q = np.clip(round_half_away(np.ldexp(blocks, -t.exp[..., None])), -fmt.qmax, fmt.qmax)
+    assert np.array_equal(t.blocks, q)
+    # both choices occur on this data, so the test can tell the search from either extreme
+    e0 = encode(x, fmt).exp
+    assert (t.exp == e0).any() and (t.exp < e0).any()
+
+
+@pytest.mark.parametrize("fmt", SEARCH_FORMATS)
+def test_mse_search_never_increases_any_block_error(fmt):
+    x = _search_data(fmt, 2)
+    a, b = encode(x, fmt), encode(x, fmt, "mse")
+    d = b.exp - a.exp
+    assert ((d <= 0) & (d >= -MSE_SEARCH_DEPTH)).all()
+    blocks = x.reshape(x.shape[0], -1, fmt.block)
+    for r in range(x.shape[0]):
+        for j in range(blocks.shape[1]):
+            ea = _exact_block_error(blocks[r, j], int(a.exp[r, j]), fmt)
+            eb = _exact_block_error(blocks[r, j], int(b.exp[r, j]), fmt)
+            assert eb <= ea
+            assert (eb < ea) == (b.exp[r, j] != a.exp[r, j])  # a change is a strict gain
+    assert (d < 0).any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(float_blocks)
+def test_mse_search_properties(x):
+    fmt = BlockFormat(4, 32, 6)
+    a, b = encode(x, fmt), encode(x, fmt, "mse")
+    b.check()
+    for r in range(x.shape[0]):
+        ea = _exact_block_error(x[r], int(a.exp[r, 0]), fmt)
+        assert _exact_block_error(x[r], int(b.exp[r, 0]), fmt) <= ea
+        assert b.exp[r, 0] == _mse_exponent_brute(x[r], fmt)
+
+
+def test_max_search_is_the_block_max_rule():
+    fmt = BlockFormat(4, 32, 6)
+    x = _search_data(fmt, 3)
+    t = encode(x, fmt, "max")
+    assert t == encode(x, fmt)
+    blocks = x.reshape(x.shape[0], -1, fmt.block)
+    assert np.array_equal(t.exp, shared_exponent(np.abs(blocks).max(axis=-1), fmt))
+    assert np.array_equal(t.blocks, np.clip(round_half_away(np.ldexp(blocks, -t.exp[..., None])), -7, 7))
+    assert np.array_equal(mse_exponent(blocks, fmt, depth=0), t.exp)
+
+
+def test_mse_search_hand_made_blocks():
+    fmt = BlockFormat(4, 128, 6)  # qmax 7
+    # one 4.0 and 127 x 0.3: at e0 = 0 each 0.3 costs 0.09; at e = -1 the 4.0 clips to 3.5
+    # (cost 0.25) and each 0.3 costs 0.04: 0.25 + 127 * 0.04 < 127 * 0.09, so e = -1
+    x = np.full((5, 128), 0.3)
+    x[0, 5] = 4.0
+    # one 3.9 (e0 = 0) and 127 x 0.3: e = -2 clips it to 1.75 (cost 4.62) but each 0.3 costs
+    # 0.0025 (1.2 -> 1): 4.94 total beats 5.24 at e = -1 and 11.44 at e0
+    x[4, 0] = 3.9
+    # a lone outlier: clipping it costs more than the finer step gains, so e0 stays
+    x[1] = 0.0
+    x[1, 0] = 7.0
+    x[2] = 0.0  # all zero: e_min either way
+    x[3] = 2.0**-40  # below e_min = -32: every candidate is e_min
+    t = encode(x, fmt, "mse")
+    assert t.exp.tolist() == [[-1], [0], [-32], [-32], [-2]]
+    assert mse_exponent(x.reshape(5, 1, 128), fmt, depth=1).tolist() == [[-1], [0], [-32], [-32], [-1]]
+    assert t.mant[0, 5] == 7 and t.mant[0, 0] == 1 and t.mant[1, 0] == 7
+    # errors in units of 4**e: at e = -1 the 4.0 leaves 8 - 7 = 1, each 0.3 leaves 0.6 - 1 = -0.4
+    err = block_sq_error(x[:2].reshape(2, 1, 128), np.array([[-1], [0]]), fmt)
+    assert err[0, 0] == pytest.approx(1 + 127 * 0.16) and err[1, 0] == 0.0
+    exact = [_exact_block_error(x[0], e, fmt) for e in (0, -1, -2)]
+    assert exact[1] < exact[0] and exact[1] < exact[2]  # e - 2 is tried and loses (5.38 > 5.33)
+
+
+def test_exp_search_errors():
+    fmt = BlockFormat(4, 32, 6)
+    with pytest.raises(ValueError, match="exp_search must be 'max' or 'mse', not 'min'"):
+        encode(np.zeros(32), fmt, "min")
+    with pytest.raises(ValueError, match="depth must be a non-negative int, not -1"):
+        mse_exponent(np.zeros((1, 32)), fmt, depth=-1)
