@@ -23,6 +23,9 @@ SCHEMA_VERSION = 1
 #: Most operands of one fixed-point addition (the embedding sum: word + position + token type).
 MAX_ADD_TERMS = 3
 
+#: The values of ``Config.weight_exp_search`` (the choices of ``bct.model.blocks.encode``).
+WEIGHT_EXP_SEARCHES = ("max", "mse")
+
 #: Widest accumulator the software fast path keeps exact (float64 holds every integer below 2**53).
 EXACT_FLOAT_BITS = 53
 
@@ -104,6 +107,12 @@ class Config:
         Width of the shared exponents of activations and vectors (signed; 2..10).
     weight_exp_bits : int or None
         Width of the weights' shared exponents; ``None`` means ``exp_bits``.
+    weight_exp_search : str
+        How the shared exponent of each weight block (weight matrices and embedding tables) is
+        chosen when a checkpoint is encoded: ``"max"``, the smallest exponent at which the
+        block's largest magnitude does not saturate; ``"mse"``, the one of smallest squared
+        error among that exponent and the two below it (clipping the largest elements for a
+        finer step). See docs/arithmetic.md.
     acc_guard_bits : int
         Fractional guard bits kept below the largest block product when per-block partial sums
         are aligned into the matmul accumulator (see docs/arithmetic.md).
@@ -146,6 +155,7 @@ class Config:
     vector_bits: int = 8
     exp_bits: int = 8
     weight_exp_bits: int | None = None
+    weight_exp_search: str = "max"
     acc_guard_bits: int = 8
     max_reduction: int = 4096
     gelu_frac: int = 8
@@ -183,6 +193,10 @@ class Config:
                 )
         if self.weight_exp_bits is not None:
             _check_int("weight_exp_bits", self.weight_exp_bits, 2, 10)
+        if self.weight_exp_search not in WEIGHT_EXP_SEARCHES:
+            raise ConfigError(
+                f"weight_exp_search must be 'max' or 'mse', not {self.weight_exp_search!r}"
+            )
         _check_int("acc_guard_bits", self.acc_guard_bits, 0, 16)
         _check_int("max_reduction", self.max_reduction, self.block_size, 1 << 16)
         if self.max_reduction % self.block_size:

@@ -114,6 +114,9 @@ def _check_shapes(w: BertWeights, cfg: Config) -> None:
 def quantize(weights: BertWeights, cfg: Config) -> QuantBert:
     """Encode every parameter of ``weights`` into block format (no data, no retraining).
 
+    Weight matrices and embedding tables choose their block exponents by
+    ``cfg.weight_exp_search`` (:func:`~bct.model.blocks.encode`); vectors always by the block max.
+
     Raises
     ------
     ConfigError
@@ -121,6 +124,10 @@ def quantize(weights: BertWeights, cfg: Config) -> QuantBert:
     """
     _check_shapes(weights, cfg)
     wf, vf = cfg.weight_format, cfg.vector_format
+
+    def enc_w(a):  # weight matrices and embedding tables: the config's exponent choice
+        return encode(a, wf, cfg.weight_exp_search)
+
     q_scale = 1.0 / math.sqrt(weights.head_dim)
     layers = []
     for lw in weights.encoder:
@@ -129,11 +136,11 @@ def quantize(weights: BertWeights, cfg: Config) -> QuantBert:
             a = getattr(lw, f.name)
             if f.name.startswith("q_"):
                 a = a * q_scale
-            kw[f.name] = encode(a.T, wf) if f.name in _MATRICES else encode(a, vf)
+            kw[f.name] = enc_w(a.T) if f.name in _MATRICES else encode(a, vf)
         layers.append(QuantLayer(**kw))
     pooler_w = pooler_b = classifier_w = classifier_b = None
     if weights.has_pooler:
-        pooler_w, pooler_b = encode(weights.pooler_w.T, wf), encode(weights.pooler_b, vf)
+        pooler_w, pooler_b = enc_w(weights.pooler_w.T), encode(weights.pooler_b, vf)
     if weights.has_classifier:
         n = weights.classifier_w.shape[1]
         rows = -(-n // cfg.block_size) * cfg.block_size
@@ -141,7 +148,7 @@ def quantize(weights: BertWeights, cfg: Config) -> QuantBert:
         cw[:n] = weights.classifier_w.T
         cb = np.zeros(rows)
         cb[:n] = weights.classifier_b
-        classifier_w, classifier_b = encode(cw, wf), encode(cb, vf)
+        classifier_w, classifier_b = enc_w(cw), encode(cb, vf)
     return QuantBert(
         cfg=cfg,
         layers=weights.layers,
@@ -150,9 +157,9 @@ def quantize(weights: BertWeights, cfg: Config) -> QuantBert:
         ffn=weights.ffn,
         max_positions=weights.max_positions,
         num_labels=weights.num_labels if weights.has_classifier else None,
-        word_emb=encode(weights.word_emb, wf),
-        pos_emb=encode(weights.pos_emb, wf),
-        type_emb=encode(weights.type_emb, wf),
+        word_emb=enc_w(weights.word_emb),
+        pos_emb=enc_w(weights.pos_emb),
+        type_emb=enc_w(weights.type_emb),
         emb_ln_g=encode(weights.emb_ln_g, vf),
         emb_ln_b=encode(weights.emb_ln_b, vf),
         encoder=tuple(layers),

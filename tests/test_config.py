@@ -22,6 +22,13 @@ def test_weight_format_defaults_to_activation_block_and_exponent():
     assert 32 / c.weight_format.bits_per_value > 7.9
 
 
+def test_weight_exp_search_defaults_to_max_and_is_hashed():
+    assert Config().weight_exp_search == "max"
+    c = Config(weight_exp_search="mse")
+    assert c.hash != Config().hash and c.weight_format == Config().weight_format
+    assert Config.from_dict(c.to_dict()).weight_exp_search == "mse"
+
+
 def test_hash_is_stable_and_content_based():
     a, b = Config(), Config()
     assert a.hash == b.hash and len(a.hash) == 16
@@ -51,6 +58,8 @@ def test_check_hash_refuses_mismatch():
         ({"weight_block_size": 16}, "weight_block_size must be in 32..1024, not 16"),
         ({"weight_block_size": 96}, "weight_block_size must be a power of two, not 96"),
         ({"weight_exp_bits": 1}, "weight_exp_bits must be in 2..10, not 1"),
+        ({"weight_exp_search": "min"}, "weight_exp_search must be 'max' or 'mse', not 'min'"),
+        ({"weight_exp_search": None}, "weight_exp_search must be 'max' or 'mse', not None"),
         ({"acc_guard_bits": -1}, "acc_guard_bits must be in 0..16, not -1"),
         ({"max_reduction": 100}, "max_reduction 100 is not a multiple of block_size 32"),
         ({"gelu_segments": 48}, "gelu_segments must be a power of two, not 48"),

@@ -78,6 +78,32 @@ def test_fidelity_against_float_reference(w8):
         assert _cos(got.ravel(), ref.stages[name][valid].ravel()) > 0.999, name
 
 
+def test_weight_exp_search_mse_changes_weight_blocks_only(w8):
+    weights, enc, qm, _ = w8
+    cfg = Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)
+    base = integer.quantize(weights, cfg)
+    mse = integer.quantize(weights, cfg.replace(weight_exp_search="mse"))
+    assert mse.cfg.weight_exp_search == "mse"
+    ref = weights.named_arrays()
+    a, b = base.tensors(), mse.tensors()
+    moved = 0
+    for name, t in b.items():
+        t.check()
+        assert t.fmt == a[name].fmt, name
+        if t.fmt != cfg.weight_format:  # vectors: always the block-max exponent
+            assert t == a[name], name
+            continue
+        d = t.exp - a[name].exp
+        assert ((d <= 0) & (d >= -2)).all(), name
+        moved += int((d < 0).sum())
+        if name in ("embed.word", "layer0.ffn1_w", "pooler.w"):  # (out, in) blocked along in
+            x = ref[name] if name.startswith("embed.") else ref[name].T
+            err = lambda u: ((u.decode() - x) ** 2).reshape(t.exp.shape + (-1,)).sum(-1)
+            assert (err(t) <= err(a[name]) * (1 + 1e-12)).all(), name
+            assert err(t).sum() < 0.8 * err(a[name]).sum(), name
+    assert moved > 0.3 * sum(t.exp.size for t in b.values() if t.fmt == cfg.weight_format)
+
+
 def test_padding_tokens_do_not_change_real_tokens(minilm, w8):
     weights, tok = minilm
     _, _, qm, _ = w8
