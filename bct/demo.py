@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def register(subparsers, add_config_options) -> None:
     p.add_argument("--layers", type=int, default=1, help="encoder layers on chip (default 1)")
     p.add_argument("--synth-report", metavar="FILE",
                    help="a bct synth JSON report whose fmax_mhz gives the latency's clock")
+    p.add_argument("--images", metavar="DIR",
+                   help="co-simulate these `bct quantize` images of the default model (default: "
+                   "quantize it and write its images into the cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_demo)
@@ -50,8 +54,12 @@ def _clock(cfg, report_path):
 
 
 def run_demo(cfg, *, sentence: str = DEMO_SENTENCE, layers: int = 1, synth_report=None,
-             seed: int = 0, work_dir=None) -> dict:
-    """Run the demo; returns the summary (see the module docstring)."""
+             seed: int = 0, work_dir=None, images=None) -> dict:
+    """Run the demo; returns the summary (see the module docstring).
+
+    ``images``: a ``bct quantize`` image directory of the default model, loaded (and checked)
+    instead of quantizing; the accelerator's ROMs are initialised from its files.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
     import platformdirs
@@ -64,7 +72,14 @@ def run_demo(cfg, *, sentence: str = DEMO_SENTENCE, layers: int = 1, synth_repor
     weights, tok = load_bert(), load_tokenizer()
     # padded by the model to a multiple of the block size (one block of 32 at default)
     enc = tok.encode([sentence], max_len=weights.max_positions, padding="longest")
-    qm = integer.quantize(weights, cfg)
+    if images is None:
+        qm = integer.quantize(weights, cfg)
+    else:
+        from bct.model.images import ImageError, read_images
+        qm = read_images(images, cfg)
+        if qm.source != weights.source:
+            raise ImageError(f"the images in {images} hold {qm.source}, the demo runs "
+                             f"{weights.source}")
     n = sum(a.size for a in weights.named_arrays().values())
     out = integer.forward(qm, enc, trace=True)
     ref = reference.forward(weights, enc)
@@ -72,7 +87,8 @@ def run_demo(cfg, *, sentence: str = DEMO_SENTENCE, layers: int = 1, synth_repor
     cosine = float(e @ r / np.linalg.norm(e) / np.linalg.norm(r))
     t_model = time.monotonic() - t0
     work = Path(work_dir or Path(platformdirs.user_cache_dir("bct-gen")) / "demo")
-    rep = simulate(qm, enc, layers=layers, work_dir=work, seed=seed, trace=out.stages)
+    rep = simulate(qm, enc, layers=layers, work_dir=work, seed=seed, trace=out.stages,
+                   images=images)
     mhz, clock_note = _clock(cfg, synth_report)
     return {
         "config_hash": cfg.hash,
@@ -93,7 +109,7 @@ def run_demo(cfg, *, sentence: str = DEMO_SENTENCE, layers: int = 1, synth_repor
         "clock_source": clock_note,
         "latency_us": rep["cycles"] / mhz,
         "program": rep["program"],
-        "images": rep["manifest"],
+        "images": str(Path(rep["manifest"]).parent),
         "model_seconds": t_model,
         "cosim_seconds": rep["wall_seconds"],
     }
@@ -101,15 +117,19 @@ def run_demo(cfg, *, sentence: str = DEMO_SENTENCE, layers: int = 1, synth_repor
 
 def _cmd_demo(args) -> int:
     from bct.cli import config_from_args
+    from bct.model.images import ImageError
     from bct.sim import SimulationFailure
 
     cfg = config_from_args(args)
     try:
         s = run_demo(cfg, sentence=args.sentence, layers=args.layers,
-                     synth_report=args.synth_report, seed=args.seed)
+                     synth_report=args.synth_report, seed=args.seed, images=args.images)
     except SimulationFailure as e:
         print(f"bct demo: the co-simulation FAILED:\n{e}")
         return 1
+    except ImageError as e:
+        print(f"bct: error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(s, indent=2))
         return 0 if s["bit_exact"] else 1

@@ -5,8 +5,11 @@
 * ``amem``: the activation scratchpad (one word = one activation block: ``B`` mantissas and the
   exponent), two read ports and one write port; every stage of the layer is written to its own
   region (:mod:`bct.hw.program` lays them out);
-* ``wmem`` / ``vmem``: weight and vector ROMs initialised with ``$readmemh`` from the memory
-  images (:func:`bct.hw.program.write_images`), one K-block (vector block) per word;
+* ``wmem`` / ``vmem``: weight and vector ROMs, each a mantissa and an exponent ROM initialised
+  with ``$readmemh`` from the ``bct quantize`` images (``layer{i}_w_*`` / ``layer{i}_v_*``, one
+  layer after the other, :func:`bct.hw.program.check_images`, :func:`rom_verilog`); the
+  controller addresses weights in K-blocks of ``block_size`` (a weight word of
+  ``weight_block_size`` holds several);
 * the :class:`~bct.hw.matmul.MatmulArray` with its operand feeders (double-buffered
   de-blockers: ``R`` activation words and ``C`` operand words per K-block, ``B`` beats out),
   the bias beat and an output gather that re-blocks ``B / C`` tiles of a row into one block;
@@ -43,32 +46,45 @@ from bct.hw.blockify import Blockifier, round_shift_saturate, shift_code
 from bct.hw.gelu import GeluUnit
 from bct.hw.layernorm import LayerNormUnit
 from bct.hw.matmul import MatmulArray
-from bct.hw.program import OPS, Program, word_widths
+from bct.hw.program import OPS, Program, weight_ratio, word_widths
 from bct.hw.softmax import SoftmaxUnit
 from bct.model.blocks import encode
 from bct.model.fixed import round_shift_int
 
-__all__ = ["LayerAccelerator", "ROM_VERILOG", "identity_affine"]
+__all__ = ["LayerAccelerator", "identity_affine", "rom_verilog"]
 
-#: The image ROM: ``$readmemh`` at start-up, one synchronous read port with enable.
-ROM_VERILOG = """\
-// bct-gen image ROM: contents from a $readmemh file
-module bct_image_rom #(parameter WIDTH = 8, parameter DEPTH = 1, parameter ABITS = 1,
-                       parameter FILE = "") (
+def rom_verilog(images: dict, widths: dict) -> str:
+    """The image ROMs' Verilog: one module ``bct_rom_<rom>`` per ROM of
+    :data:`bct.hw.program.ROMS`, loading each layer's ``bct quantize`` hex file with
+    ``$readmemh(file, mem, first, last)`` at start-up; one synchronous read port with enable.
+
+    Parameters
+    ----------
+    images : dict
+        :func:`bct.hw.program.check_images` of the image directory.
+    widths : dict
+        :func:`bct.hw.program.word_widths`.
+    """
+    out = ["// bct-gen image ROMs: contents from the bct quantize $readmemh files\n"]
+    for rom, parts in images.items():
+        depth = sum(n for _, _, n in parts)
+        loads = "".join(f'    $readmemh("{path}", mem, {first}, {first + n - 1});\n'
+                        for path, first, n in parts)
+        out.append(f"""\
+module bct_rom_{rom} (
   input wire clk,
   input wire en,
-  input wire [ABITS-1:0] addr,
-  output reg [WIDTH-1:0] data
+  input wire [{max(1, (depth - 1).bit_length()) - 1}:0] addr,
+  output reg [{widths[rom] - 1}:0] data
 );
-  reg [WIDTH-1:0] mem [0:DEPTH-1];
+  reg [{widths[rom] - 1}:0] mem [0:{depth - 1}];
   initial begin
-    $readmemh(FILE, mem);
-    data = {WIDTH{1'b0}};
+{loads}    data = {widths[rom]}'d0;
   end
   always @(posedge clk) if (en) data <= mem[addr];
 endmodule
-"""
-
+""")
+    return "\n".join(out)
 
 
 def _exp_width(cfg: Config) -> int:
@@ -148,8 +164,8 @@ class LayerAccelerator(wiring.Component):
     prog : Program
         From :func:`bct.hw.program.build_program` (memory map, ops, config).
     images : dict
-        ``{"wmem": path, "vmem": path}`` of checked hex images
-        (:func:`bct.hw.program.check_images`); the paths are written into the Verilog.
+        The checked ``bct quantize`` images (:func:`bct.hw.program.check_images`): their
+        paths go into the ROMs' Verilog (:meth:`rom_verilog`), not into the accelerator's.
 
     Attributes
     ----------
@@ -197,6 +213,10 @@ class LayerAccelerator(wiring.Component):
             "dbg_cycle": Out(_CYCLE_BITS),
         })
 
+    def rom_verilog(self) -> str:
+        """The Verilog of the image ROMs this accelerator instantiates (:func:`rom_verilog`)."""
+        return rom_verilog(self.images, self.widths)
+
     def program_init(self) -> list[int]:
         fields = set(self.op_layout.members)
         words = []
@@ -211,7 +231,7 @@ class LayerAccelerator(wiring.Component):
         cfg = self.cfg
         B = cfg.block_size
         af, wf, vf = cfg.act_format, cfg.weight_format, cfg.vector_format
-        AW, WW, VW = self.widths["amem"], self.widths["wmem"], self.widths["vmem"]
+        AW = self.widths["amem"]
         alay = data.StructLayout({"mant": data.ArrayLayout(signed(af.bits), B),
                                   "exp": signed(af.exp_bits)})
         wlay = data.StructLayout({"mant": data.ArrayLayout(signed(wf.bits), B),
@@ -229,15 +249,26 @@ class LayerAccelerator(wiring.Component):
         words_a, words_b = Signal(alay), Signal(alay)
         m.d.comb += [words_a.eq(ra.data), words_b.eq(rb.data)]
 
+        # ROMs from the images; weights addressed in K-blocks: word = addr >> log2(ratio), the
+        # K-block inside it = the low bits, registered like the ROM's read data
+        ratio = weight_ratio(cfg)
+        sub_bits = ratio.bit_length() - 1
         w_addr = Signal(range(self.depth["wmem"]))
-        w_data = Signal(WW)
         v_addr = Signal(range(self.depth["vmem"]))
-        v_data = Signal(VW)
-        for name, addr, dat, width in (("wmem", w_addr, w_data, WW), ("vmem", v_addr, v_data, VW)):
+        rom = {}
+        for name, addr in (("w_mant", w_addr[sub_bits:]), ("w_exp", w_addr[sub_bits:]),
+                           ("v_mant", v_addr), ("v_exp", v_addr)):
+            rom[name] = Signal(self.widths[name], name=f"{name}_data")
             m.submodules[name] = Instance(
-                "bct_image_rom", p_WIDTH=width, p_DEPTH=self.depth[name], p_ABITS=len(addr),
-                p_FILE=self.images[name], i_clk=ClockSignal(), i_en=Const(1), i_addr=addr,
-                o_data=dat)
+                f"bct_rom_{name}", i_clk=ClockSignal(), i_en=Const(1), i_addr=addr,
+                o_data=rom[name])
+        w_mant = rom["w_mant"]
+        if sub_bits:
+            w_sub = Signal(sub_bits)
+            m.d.sync += w_sub.eq(w_addr[:sub_bits])
+            w_mant = w_mant.word_select(w_sub, B * wf.bits)
+        w_data = Cat(w_mant, rom["w_exp"])
+        v_data = Cat(rom["v_mant"], rom["v_exp"])
         word_w, word_v = Signal(wlay), Signal(vlay)
         m.d.comb += [word_w.eq(w_data), word_v.eq(v_data)]
 

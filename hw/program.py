@@ -1,9 +1,9 @@
 """The encoder layer's program, memory map and memory images, generated from the one config.
 
 :func:`build_program` lays out the accelerator's three memories for a :class:`LayerShape`
-(``amem``: activation scratchpad, one word = one activation block; ``wmem``: weight matrices,
-one word = one K-block of ``block_size`` weights with its exponent; ``vmem``: biases and
-LayerNorm gamma / beta, one word = one vector block) and writes the op sequence the
+(``amem``: activation scratchpad, one word = one activation block with its exponent;
+``wmem``: weight matrices, addressed in K-blocks of ``block_size`` weights; ``vmem``: biases and
+LayerNorm gamma / beta, one vector block per address) and writes the op sequence the
 controller of :class:`bct.hw.layer.LayerAccelerator` executes: per layer the Q / K / V
 projections, per head the transposing re-block of V, the scores, the softmax and the context,
 then the output projection, residual, LayerNorm, FFN1, GELU, FFN2, residual, LayerNorm.
@@ -13,11 +13,11 @@ matrix) is folded into the program; everything that depends on the activations (
 the largest exponent of K and of the re-blocked V, masks from the sequence length) is computed
 on chip.
 
-:func:`write_images` writes one ``$readmemh`` file per ROM (``wmem.hex``, ``vmem.hex``: a header
-comment with the config hash, width and depth, then one zero-padded word per line) and a
-manifest (JSON, config hash, SHA-256 of every file); :func:`check_images` refuses a manifest
-of another config or program, a file whose digest, header or length differs, before any
-simulation starts.
+The weight and vector memories are not a format of their own: they are the ``layer{i}_w`` and
+``layer{i}_v`` memories of the ``bct quantize`` images (:mod:`bct.model.images`,
+``docs/images.md``), mantissas and exponents in parallel ROMs, layer after layer.
+:func:`check_images` checks an image directory against the program (config hash, every file's
+header, size and SHA-256, every tensor's placement) before any simulation starts.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bct.config import Config, ConfigError
-from bct.model.blocks import BlockTensor
+from bct.model.images import ImageError
 from bct.model.matmul import act_blocks
 
 __all__ = [
-    "LayerShape", "Region", "Program", "ImageError", "OPS", "build_program", "image_words",
-    "write_images", "check_images", "read_image", "pack_word",
+    "LayerShape", "Region", "Program", "ImageError", "OPS", "ROMS", "build_program",
+    "check_images", "pack_word", "weight_ratio", "word_widths",
 ]
 
 #: Op codes of the controller (``kind`` field).
@@ -47,10 +47,6 @@ STAGES = ("q", "k", "v", "scores", "probs", "context", "attn_out", "attn_res", "
 _MATRICES = ("q_w", "k_w", "v_w", "o_w", "ffn1_w", "ffn2_w")
 _VECTORS = ("q_b", "k_b", "v_b", "o_b", "attn_ln_g", "attn_ln_b", "ffn1_b", "ffn2_b",
             "out_ln_g", "out_ln_b")
-
-
-class ImageError(ConfigError):
-    """A memory image or its manifest cannot be used with this config / program."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +171,8 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
     Program
     """
     shape.check(cfg)
+    if qm is not None and len(qm.encoder) < shape.layers:
+        raise ConfigError(f"the program runs {shape.layers} layers, the model has {len(qm.encoder)}")
     B = cfg.block_size
     T, H, F, A, d, L = shape.seq, shape.hidden, shape.ffn, shape.heads, shape.head_dim, shape.layers
     nbH, nbF, nbT, nbd = H // B, F // B, T // B, d // B
@@ -270,151 +268,97 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
 
 
 # ------------------------------------------------------------------------------------------
-# Memory images
+# Memory images: the accelerator's ROMs are initialised from the `bct quantize` images
 
 
 def pack_word(mant, exp: int, bits: int, exp_bits: int) -> int:
-    """One block as a memory word: mantissa ``i`` at bits ``[i*bits, (i+1)*bits)``, the
+    """One block as a scratchpad word: mantissa ``i`` at bits ``[i*bits, (i+1)*bits)``, the
     exponent above them (the layout of :func:`bct.hw.layouts.block_layout`)."""
     from bct.sim.bits import pack_block
     return pack_block(mant, exp, bits, exp_bits)
 
 
 def word_widths(cfg: Config) -> dict:
-    """Bits per word of each memory."""
-    B = cfg.block_size
-    return {"amem": B * cfg.act_bits + cfg.exp_bits,
-            "wmem": B * cfg.weight_bits + cfg.weight_format.exp_bits,
-            "vmem": B * cfg.vector_bits + cfg.exp_bits}
-
-
-def image_words(prog: Program, qm) -> dict:
-    """The words of ``wmem`` and ``vmem`` for the weights of ``qm`` (every weight block of
-    ``weight_block_size`` split into K-blocks of ``block_size`` carrying its exponent)."""
-    cfg = prog.cfg
-    B = cfg.block_size
-    if qm.cfg != cfg:
-        raise ImageError(f"weights were quantized for config {qm.cfg.hash}, not {cfg.hash}")
-    words = {"wmem": [0] * prog.depth["wmem"], "vmem": [0] * prog.depth["vmem"]}
+    """Bits per word of the scratchpad (``amem``: a whole activation block with its exponent)
+    and of the four image ROMs (``w_mant`` / ``w_exp``: one weight block of
+    ``weight_block_size`` and its exponent; ``v_mant`` / ``v_exp``: one vector block)."""
     wf, vf = cfg.weight_format, cfg.vector_format
-    for i in range(prog.shape.layers):
-        lw = qm.encoder[i]
-        for name in _MATRICES:
-            t: BlockTensor = getattr(lw, name)
-            r = prog.regions[f"layer{i}.{name}"]
-            mant, exp = act_blocks(t, B)
-            if mant.shape[:2] != (r.rows, r.blocks):
-                raise ImageError(f"layer{i}.{name} has shape {t.shape}, the program expects "
-                                 f"{r.rows} x {r.blocks * B}")
-            flat_m, flat_e = mant.reshape(-1, B).tolist(), exp.reshape(-1).tolist()
-            words["wmem"][r.base:r.base + r.words] = [
-                pack_word(mm, e, wf.bits, wf.exp_bits) for mm, e in zip(flat_m, flat_e)]
-        for name in _VECTORS:
-            t = getattr(lw, name)
-            r = prog.regions[f"layer{i}.{name}"]
-            if t.shape != (r.blocks * B,):
-                raise ImageError(f"layer{i}.{name} has shape {t.shape}, the program expects "
-                                 f"({r.blocks * B},)")
-            words["vmem"][r.base:r.base + r.words] = [
-                pack_word(mm, e, vf.bits, vf.exp_bits)
-                for mm, e in zip(t.blocks.tolist(), t.exp.tolist())]
-    return words
+    return {"amem": cfg.block_size * cfg.act_bits + cfg.exp_bits,
+            "w_mant": wf.block * wf.bits, "w_exp": wf.exp_bits,
+            "v_mant": vf.block * vf.bits, "v_exp": vf.exp_bits}
 
 
-def _hex_text(cfg: Config, name: str, width: int, words: list) -> str:
-    digits = -(-width // 4)
-    lines = [f"// bct-gen config {cfg.hash} memory {name} width {width} depth {len(words)}"]
-    lines += [format(w, f"0{digits}x") for w in words]
-    return "\n".join(lines) + "\n"
+def weight_ratio(cfg: Config) -> int:
+    """K-blocks of ``block_size`` per weight block (1 at default, a power of two)."""
+    return cfg.weight_format.block // cfg.block_size
 
 
-def write_images(prog: Program, qm, out_dir) -> Path:
-    """Write ``wmem.hex``, ``vmem.hex`` and ``manifest.json`` into ``out_dir`` (atomically, file
-    by file, the manifest last); returns the manifest path."""
-    out_dir = Path(out_dir)
-    words = image_words(prog, qm)
-    widths = word_widths(prog.cfg)
-    files = {}
-    for name in ("wmem", "vmem"):
-        text = _hex_text(prog.cfg, name, widths[name], words[name])
-        _atomic_write(out_dir / f"{name}.hex", text)
-        files[name] = {"file": f"{name}.hex", "width": widths[name], "depth": len(words[name]),
-                       "sha256": hashlib.sha256(text.encode()).hexdigest()}
-    tensors = {k: asdict(r) for k, r in prog.regions.items() if r.memory != "amem"}
-    manifest = {"config_hash": prog.cfg.hash, "program_layout": _layout_digest(prog),
-                "source": getattr(qm, "source", ""), "memories": files, "tensors": tensors}
-    return _atomic_write(out_dir / "manifest.json", json.dumps(manifest, indent=1))
+#: The ROMs and the image memory group each one is loaded from, per layer.
+ROMS = {"w_mant": ("w", "mant"), "w_exp": ("w", "exp"), "v_mant": ("v", "mant"),
+        "v_exp": ("v", "exp")}
 
 
-def _layout_digest(prog: Program) -> str:
-    data = json.dumps({"shape": asdict(prog.shape), "depth": prog.depth,
-                       "regions": {k: asdict(r) for k, r in prog.regions.items()}},
-                      sort_keys=True)
-    return hashlib.sha256(data.encode()).hexdigest()[:16]
+def check_images(directory, prog: Program) -> dict:
+    """Check the ``bct quantize`` images in ``directory`` against ``prog`` before a simulation.
 
-
-def check_images(manifest_path, prog: Program) -> dict:
-    """Validate the images of ``manifest_path`` for ``prog`` before a simulation.
+    The accelerator's weight ROMs hold the ``layer{i}_w`` memories of the images one after
+    the other (layer ``i`` from word ``i * depth``), its vector ROMs the ``layer{i}_v``
+    memories; the program addresses them in K-blocks of ``block_size`` (a weight word holds
+    :func:`weight_ratio` of them). Every file the ROMs load is checked (header, config hash,
+    width, depth, digits, SHA-256: :func:`bct.model.images.check_memory`) and every tensor's
+    placement must be the one the program was generated for.
 
     Returns
     -------
     dict
-        ``{memory: absolute path of its hex file}``.
+        ``{rom: [(absolute path, first word, words), ...]}`` for the ROMs of :data:`ROMS`,
+        one entry per layer.
 
     Raises
     ------
     ImageError
-        Naming the file and what differs: missing files, another config hash or memory
-        layout, a SHA-256, header, width or word count that does not match.
+        Naming the file and what differs: missing files or tensors, another memory layout, a
+        SHA-256, header, width or word count that does not match.
+    bct.config.ConfigError
+        Images made for another config.
     """
-    manifest_path = Path(manifest_path)
-    if not manifest_path.is_file():
-        raise ImageError(f"memory image manifest {manifest_path} not found")
-    try:
-        man = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ImageError(f"memory image manifest {manifest_path} is not valid JSON ({e})") from None
-    prog.cfg.check_hash(man.get("config_hash", "?"), f"memory image {manifest_path}")
-    if man.get("program_layout") != _layout_digest(prog):
-        raise ImageError(f"memory images {manifest_path} were written for another memory layout "
-                         f"({man.get('program_layout')}, the program's is {_layout_digest(prog)})")
-    widths = word_widths(prog.cfg)
-    paths = {}
-    for name in ("wmem", "vmem"):
-        info = man.get("memories", {}).get(name)
-        if info is None:
-            raise ImageError(f"memory image manifest {manifest_path} has no {name} entry")
-        path = manifest_path.parent / info["file"]
-        if not path.is_file():
-            raise ImageError(f"memory image {path} not found")
-        text = path.read_bytes()
-        digest = hashlib.sha256(text).hexdigest()
-        if digest != info["sha256"]:
-            raise ImageError(f"memory image {path} is corrupted: SHA-256 {digest[:16]}..., the "
-                             f"manifest says {info['sha256'][:16]}...")
-        lines = text.decode().splitlines()
-        want = (f"// bct-gen config {prog.cfg.hash} memory {name} width {widths[name]} "
-                f"depth {prog.depth[name]}")
-        if not lines or lines[0] != want:
-            raise ImageError(f"memory image {path} header {lines[0] if lines else ''!r} does not "
-                             f"match {want!r}")
-        if len(lines) - 1 != prog.depth[name]:
-            raise ImageError(f"memory image {path} has {len(lines) - 1} words, expected "
-                             f"{prog.depth[name]}")
-        paths[name] = str(path.resolve())
-    return paths
+    from bct.model import images as img
 
-
-def read_image(path) -> list[int]:
-    """The words of a hex image (header skipped)."""
-    return [int(line, 16) for line in Path(path).read_text().splitlines()
-            if line and not line.startswith("//")]
-
-
-def weights_digest(words: dict) -> str:
-    """A digest of the image words (names the content-addressed image directory)."""
-    h = hashlib.sha256()
-    for name in sorted(words):
-        h.update(name.encode())
-        h.update(",".join(map(str, words[name])).encode())
-    return h.hexdigest()[:16]
+    directory = Path(directory)
+    man = img.read_manifest(directory)
+    cfg = prog.cfg
+    cfg.check_hash(man["config_hash"], f"memory images in {directory}")
+    r = weight_ratio(cfg)
+    widths = word_widths(cfg)
+    per_layer = {"w": prog.depth["wmem"] // (r * prog.shape.layers),
+                 "v": prog.depth["vmem"] // prog.shape.layers}
+    out = {rom: [] for rom in ROMS}
+    for i in range(prog.shape.layers):
+        for rom, (g, kind) in ROMS.items():
+            name = f"layer{i}_{g}_{kind}"
+            entry = man["memories"].get(name)
+            if entry is None:
+                raise ImageError(f"memory images in {directory} have no memory {name} "
+                                 f"(the program runs {prog.shape.layers} layers)")
+            if entry["width"] != widths[rom] or entry["depth"] != per_layer[g]:
+                raise ImageError(
+                    f"memory image {name} in {directory} is {entry['width']} bits x "
+                    f"{entry['depth']} words; the accelerator's {rom} ROM takes "
+                    f"{widths[rom]} bits x {per_layer[g]} words per layer")
+            img.check_memory(directory, name, entry, cfg)
+            out[rom].append((str((directory / entry["file"]).resolve()), i * per_layer[g],
+                             per_layer[g]))
+        for names, g, ratio in ((_MATRICES, "w", r), (_VECTORS, "v", 1)):
+            for t in names:
+                key = f"layer{i}.{t}"
+                info = man["tensors"].get(key)
+                if info is None:
+                    raise ImageError(f"memory images in {directory} have no tensor {key}")
+                reg = prog.regions[key]
+                got = ((i * per_layer[g] + info["base"]) * ratio, info["blocks"] * ratio)
+                if info["memory"] != f"layer{i}_{g}" or got != (reg.base, reg.words):
+                    raise ImageError(
+                        f"memory images in {directory} place {key} at blocks {got[0]}.."
+                        f"{got[0] + got[1] - 1} of {info['memory']}; the program expects "
+                        f"{reg.base}..{reg.base + reg.words - 1} (another memory layout)")
+    return out

@@ -48,6 +48,8 @@ __all__ = [
     "MANIFEST",
     "MEMORY_GROUPS",
     "VERSION",
+    "check_memory",
+    "content_digest",
     "memory_group",
     "read_images",
     "read_manifest",
@@ -330,6 +332,48 @@ def _read_hex(path: Path, name: str, entry: dict, cfg: Config) -> list[int]:
     if _sha256(path) != entry.get("sha256"):
         raise ImageError(f"memory image {path}: content differs from the manifest (SHA-256 mismatch)")
     return words
+
+
+def check_memory(directory: str | os.PathLike, name: str, entry: dict, cfg: Config) -> Path:
+    """Check one memory's hex file against its manifest entry and ``cfg``, without decoding
+    the model (what a loader of the images into RTL memories needs).
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        The image directory.
+    name : str
+        Memory name, e.g. ``"layer0_w_mant"``.
+    entry : dict
+        Its ``memories`` entry of the manifest (:func:`read_manifest`).
+    cfg : Config
+        The current config; a file stamped with another hash is refused.
+
+    Returns
+    -------
+    pathlib.Path
+        The checked file.
+
+    Raises
+    ------
+    ImageError, bct.config.ConfigError
+        As :func:`read_images` for that file.
+    """
+    path = Path(directory) / entry["file"]
+    _read_hex(path, name, entry, cfg)
+    return path
+
+
+def content_digest(qm) -> str:
+    """16 hex digits naming the content of ``qm``: its config hash and every tensor's
+    mantissas and exponents (equal models, equal digests; for content-addressed image
+    directories)."""
+    h = hashlib.sha256(qm.cfg.hash.encode())
+    for name, t in qm.tensors().items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(t.mant, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(t.exp, dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 def read_images(directory: str | os.PathLike, cfg: Config | None = None):

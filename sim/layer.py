@@ -13,6 +13,7 @@ the cycle at which the word was written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -20,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bct.hw.program import (LayerShape, Program, STAGES, build_program, check_images, image_words,
-                            pack_word, weights_digest, write_images)
+from bct.hw.program import (ROMS, STAGES, LayerShape, Program, build_program, check_images,
+                            pack_word)
+from bct.model.images import MANIFEST, content_digest, write_images
 from bct.model.blocks import BlockTensor, reblock_transposed
 from bct.sim.bits import unpack_block
 
@@ -97,7 +99,8 @@ def compare_words(name: str, expected: list[int], got: list[int], cycles: list[i
     return None
 
 
-def prepare(qm, enc, *, layers: int = 1, work_dir, image_root, trace=None) -> dict:
+def prepare(qm, enc, *, layers: int = 1, work_dir, image_root=None, images=None,
+            trace=None) -> dict:
     """Program, checked images, the testbench's data file and the accelerator.
 
     Parameters
@@ -109,8 +112,12 @@ def prepare(qm, enc, *, layers: int = 1, work_dir, image_root, trace=None) -> di
         Encoder layers run on chip (1 .. qm.layers).
     work_dir : path
         Where the data and report files go.
-    image_root : path
-        Content-addressed image directories are created under it.
+    image_root : path, optional
+        Without ``images``: the ``bct quantize`` images of ``qm`` are written (once) into a
+        content-addressed directory under it (:func:`bct.model.images.content_digest`).
+    images : path, optional
+        A ``bct quantize`` image directory holding ``qm`` (``bct demo --images``); it is
+        checked against the program, not rewritten.
     trace : dict, optional
         ``bct.model.integer.trace(qm, enc)`` if already computed.
 
@@ -133,13 +140,19 @@ def prepare(qm, enc, *, layers: int = 1, work_dir, image_root, trace=None) -> di
     seq_len = int(np.asarray(enc.attention_mask).sum())
     shape = LayerShape(qm.hidden, qm.heads, qm.ffn, T, layers)
     prog = build_program(cfg, shape, qm)
-    words = image_words(prog, qm)
-    prog.weights_digest = weights_digest(words)
-    img_dir = Path(image_root) / f"{cfg.hash}-{prog.weights_digest}"
-    manifest = img_dir / "manifest.json"
-    if not manifest.is_file():
-        write_images(prog, qm, img_dir)
-    images = check_images(manifest, prog)
+    if images is None:
+        if image_root is None:
+            raise ValueError("prepare needs an image directory (images) or an image_root")
+        images = Path(image_root) / f"{cfg.hash}-{content_digest(qm)}"
+        if not (images / MANIFEST).is_file():
+            write_images(qm, images)
+    img_dir = Path(images)
+    roms = check_images(img_dir, prog)
+    manifest = img_dir / MANIFEST
+    files = json.loads(manifest.read_text())["memories"]
+    prog.weights_digest = hashlib.sha256("".join(
+        files[f"layer{i}_{g}_{k}"]["sha256"] for i in range(layers)
+        for g, k in ROMS.values()).encode()).hexdigest()[:16]
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     prog.write(work_dir / "program.json")
@@ -159,7 +172,7 @@ def prepare(qm, enc, *, layers: int = 1, work_dir, image_root, trace=None) -> di
     }
     (work_dir / "data.json").write_text(json.dumps(data))
     params = {"data": str(work_dir / "data.json"), "report": str(work_dir / "report.json")}
-    return {"prog": prog, "component": LayerAccelerator(prog, images), "images": images,
+    return {"prog": prog, "component": LayerAccelerator(prog, roms), "images": roms,
             "params": params, "trace": stages, "manifest": str(manifest)}
 
 
@@ -170,25 +183,22 @@ def _blocks_per_row(prog: Program, name: str) -> int:
     return region.blocks
 
 
-def rom_source(base_dir) -> Path:
-    """The image ROM's Verilog (``bct_image_rom``) in a content-addressed file."""
-    import hashlib
-
-    from bct.hw.layer import ROM_VERILOG
-    digest = hashlib.sha256(ROM_VERILOG.encode()).hexdigest()[:16]
-    path = Path(base_dir) / f"bct_image_rom-{digest}.v"
+def rom_source(component, base_dir) -> Path:
+    """The accelerator's image ROMs (:meth:`~bct.hw.layer.LayerAccelerator.rom_verilog`) in a
+    content-addressed file."""
+    text = component.rom_verilog()
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = Path(base_dir) / f"bct_image_roms-{digest}.v"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(ROM_VERILOG)
+        tmp.write_text(text)
         tmp.replace(path)
     return path
 
 
 def _port_config(component, base_dir) -> Path:
     """A Verilator control file making only the top-level ports visible to cocotb (VPI)."""
-    import hashlib
-
     from bct.sim.runner import output_ports
     from amaranth.lib.wiring import Flow
 
@@ -241,7 +251,7 @@ def _lean_verilator():
 
 
 def simulate(qm, enc, *, layers: int = 1, work_dir, tb_module=TB_MODULE, base_dir=None, seed: int = 0,
-             trace=None) -> dict:
+             trace=None, images=None) -> dict:
     """Run ``layers`` encoder layers of ``qm`` on the accelerator for one sentence.
 
     Returns
@@ -264,7 +274,7 @@ def simulate(qm, enc, *, layers: int = 1, work_dir, tb_module=TB_MODULE, base_di
     from bct.sim.runner import default_base_dir, run
 
     base = Path(base_dir or default_base_dir())
-    p = prepare(qm, enc, layers=layers, work_dir=work_dir, image_root=base / "images",
+    p = prepare(qm, enc, layers=layers, work_dir=work_dir, image_root=base / "images", images=images,
                 trace=trace)
     t0 = time.monotonic()
     report_path = Path(p["params"]["report"])
@@ -274,7 +284,7 @@ def simulate(qm, enc, *, layers: int = 1, work_dir, tb_module=TB_MODULE, base_di
         with _lean_verilator():
             run(p["component"], tb_module, name="bct_layer", params=p["params"], seed=seed,
                 config_hash=qm.cfg.hash, base_dir=base,
-                build_args=["-Wno-ASCRANGE", str(rom_source(base / "rtl")),
+                build_args=["-Wno-ASCRANGE", str(rom_source(p["component"], base / "rtl")),
                             str(_port_config(p["component"], base / "rtl"))])
     except AssertionError as e:  # SimulationFailure
         error = e

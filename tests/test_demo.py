@@ -51,3 +51,23 @@ def test_demo_json_end_to_end(tmp_path):
     assert s["embedding_cosine_vs_fp32"] > 0.99
     assert s["latency_us"] == pytest.approx(s["cycles"] / s["clock_mhz"])
     assert not list(tmp_path.iterdir())
+
+
+def test_demo_refuses_foreign_images(tmp_path, capsys):
+    """`bct demo --images DIR` refuses, before any simulation, images of another config and
+    images of another checkpoint, with a clear error and status 2."""
+    from bct.cli import main
+    from bct.model.checkpoint import load_bert
+    from bct.model.images import write_images
+    from bct.model.integer import quantize
+    from tinybert import tiny_classifier
+
+    tiny = load_bert(tiny_classifier(tmp_path / "ckpt"))
+    write_images(quantize(tiny, Config(acc_guard_bits=7)), tmp_path / "other-config")
+    write_images(quantize(tiny, Config()), tmp_path / "other-model")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    assert main(["demo", "--images", str(tmp_path / "other-config")]) == 2
+    assert "was made for config" in capsys.readouterr().err
+    assert main(["demo", "--images", str(tmp_path / "other-model")]) == 2
+    err = capsys.readouterr().err
+    assert "bct: error: the images in" in err and "the demo runs" in err

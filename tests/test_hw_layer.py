@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from bct.config import Config, ConfigError
-from bct.hw.program import (OPS, STAGES, ImageError, LayerShape, build_program, check_images,
-                            read_image, write_images, image_words)
+from bct.hw.program import OPS, STAGES, ImageError, LayerShape, build_program, check_images
 from bct.model.checkpoint import BertWeights, Encoding, LayerWeights
 from bct.model.integer import quantize
 from bct.sim.layer import compare_words, simulate, stage_words
@@ -131,46 +130,97 @@ def test_compare_words_names_first_mismatch():
 # Memory images: written, read back, refused when they do not match
 
 
-def test_images_round_trip(tiny, tmp_path):
-    qm, prog = tiny
-    man = write_images(prog, qm, tmp_path)
-    paths = check_images(man, prog)
-    words = image_words(prog, qm)
-    for name in ("wmem", "vmem"):
-        assert read_image(paths[name]) == words[name]
-    text = (tmp_path / "wmem.hex").read_text().splitlines()
-    assert text[0] == f"// bct-gen config {qm.cfg.hash} memory wmem width 264 depth {prog.depth['wmem']}"
-    assert all(len(line) == 66 for line in text[1:])
+def _rom_words(roms, name):
+    """The words of one ROM as the Verilog loads them (every layer's file at its offset)."""
+    words = []
+    for path, first, n in roms[name]:
+        assert first == len(words)
+        body = [int(x, 16) for x in open(path).read().splitlines() if not x.startswith("//")]
+        assert len(body) == n
+        words += body
+    return words
+
+
+@pytest.mark.parametrize("wbs, layers", [(None, 1), (64, 2)])
+def test_images_feed_the_roms(tmp_path, wbs, layers):
+    """The `bct quantize` images, loaded into the ROMs as `rom_verilog` does, hold every weight
+    K-block (and vector block) where the program addresses it: K-block `a` of the weights is
+    K-block `a % ratio` of word `a // ratio`."""
+    from bct.hw.layer import rom_verilog
+    from bct.hw.program import weight_ratio, word_widths
+    from bct.model.images import write_images
+    from bct.sim.bits import unpack_signed
+    cfg = Config(weight_block_size=wbs)
+    qm = quantize(_tiny(layers=layers), cfg)
+    prog = build_program(cfg, LayerShape(64, 2, 128, 32, layers), qm)
+    roms = check_images(write_images(qm, tmp_path / "img"), prog)
+    r, B, wf, vf = weight_ratio(cfg), cfg.block_size, cfg.weight_format, cfg.vector_format
+    assert r == (wbs or 32) // 32
+    words = {name: _rom_words(roms, name) for name in roms}
+    assert len(words["w_mant"]) * r == prog.depth["wmem"] and len(words["v_exp"]) == prog.depth["vmem"]
+    for i in range(layers):
+        for name in ("q_w", "ffn1_w", "ffn2_w"):
+            reg = prog.regions[f"layer{i}.{name}"]
+            t = getattr(qm.encoder[i], name)  # (out, in), one exponent per weight block
+            for n, j in ((0, 0), (reg.rows - 1, reg.blocks - 1), (reg.rows // 2, 1)):
+                a = reg.base + n * reg.blocks + j
+                word = words["w_mant"][a // r] >> ((a % r) * B * wf.bits)
+                assert unpack_signed(word, wf.bits, B) == t.mant[n, j * B:(j + 1) * B].tolist()
+                assert unpack_signed(words["w_exp"][a // r], wf.exp_bits, 1) == [t.exp[n, j * B // wf.block]]
+        t, reg = qm.encoder[i].ffn1_b, prog.regions[f"layer{i}.ffn1_b"]
+        for j in range(reg.blocks):
+            assert unpack_signed(words["v_mant"][reg.base + j], vf.bits, B) == t.mant[j * B:(j + 1) * B].tolist()
+            assert unpack_signed(words["v_exp"][reg.base + j], vf.exp_bits, 1) == [t.exp[j]]
+    text = rom_verilog(roms, word_widths(cfg))
+    path, first, n = roms["w_mant"][-1]
+    assert f'$readmemh("{path}", mem, {first}, {first + n - 1});' in text
+    assert f"reg [{32 * r * 8 - 1}:0] mem [0:{prog.depth['wmem'] // r - 1}];" in text
 
 
 def test_images_refused(tiny, tmp_path):
+    from bct.model.images import write_images
     qm, prog = tiny
-    man = write_images(prog, qm, tmp_path)
+    d = write_images(qm, tmp_path / "img")
     # one flipped digit: the digest differs
-    path = tmp_path / "vmem.hex"
+    path = d / "layer0_v_mant.hex"
     good = path.read_text()
     lines = good.splitlines()
     lines[3] = ("1" if lines[3][0] != "1" else "2") + lines[3][1:]
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ImageError, match=r"memory image .*vmem.hex is corrupted: SHA-256"):
-        check_images(man, prog)
+    with pytest.raises(ImageError, match=r"layer0_v_mant.hex: content differs from the manifest"):
+        check_images(d, prog)
     path.write_text(good)
-    check_images(man, prog)
+    check_images(d, prog)
+    # a truncated exponent file
+    e = d / "layer0_w_exp.hex"
+    keep = e.read_text()
+    e.write_text("\n".join(keep.splitlines()[:-1]) + "\n")
+    with pytest.raises(ImageError, match="layer0_w_exp.hex: truncated"):
+        check_images(d, prog)
+    e.write_text(keep)
     # another config's manifest
+    man = d / "manifest.json"
     m = json.loads(man.read_text())
     man.write_text(json.dumps({**m, "config_hash": "0123456789abcdef"}))
     with pytest.raises(ConfigError, match="was made for config 0123456789abcdef"):
-        check_images(man, prog)
-    # another memory layout (a program for two layers)
+        check_images(d, prog)
     man.write_text(json.dumps(m))
-    other = build_program(qm.cfg, LayerShape(64, 2, 128, 64), qm)
-    with pytest.raises(ImageError, match="written for another memory layout"):
-        check_images(man, other)
-    with pytest.raises(ImageError, match="not found"):
-        check_images(tmp_path / "missing.json", prog)
-    # weights of another config are refused when the images are made
-    with pytest.raises(ImageError, match="quantized for config"):
-        image_words(build_program(Config(acc_guard_bits=7), LayerShape(64, 2, 128, 32)), qm)
+    # a program for two layers, images of one
+    with pytest.raises(ImageError, match="have no memory layer1_w_mant"):
+        check_images(d, build_program(qm.cfg, LayerShape(64, 2, 128, 32, 2)))
+    with pytest.raises(ConfigError, match="the program runs 2 layers, the model has 1"):
+        build_program(qm.cfg, LayerShape(64, 2, 128, 32, 2), qm)
+    # a program for another model shape
+    with pytest.raises(ImageError, match="the accelerator's w_mant ROM takes"):
+        check_images(d, build_program(qm.cfg, LayerShape(64, 2, 256, 32), None))
+    # tensors placed differently (a manifest with two tensors swapped)
+    t = m["tensors"]
+    t["layer0.q_w"]["base"], t["layer0.k_w"]["base"] = t["layer0.k_w"]["base"], t["layer0.q_w"]["base"]
+    man.write_text(json.dumps(m))
+    with pytest.raises(ImageError, match="place layer0.q_w at blocks 128..255 of layer0_w"):
+        check_images(d, prog)
+    with pytest.raises(ImageError, match="holds no memory images"):
+        check_images(tmp_path / "missing", prog)
 
 
 def test_simulation_refuses_bad_images(tiny, tmp_path, monkeypatch):
@@ -180,11 +230,11 @@ def test_simulation_refuses_bad_images(tiny, tmp_path, monkeypatch):
     enc = Encoding(ids, np.zeros_like(ids), np.ones_like(ids))
     from bct.sim import layer as sim_layer
     p = sim_layer.prepare(qm, enc, work_dir=tmp_path / "w", image_root=tmp_path / "images")
-    img = next((tmp_path / "images").iterdir()) / "wmem.hex"
+    img = next((tmp_path / "images").iterdir()) / "layer0_w_mant.hex"
     img.write_text(img.read_text().replace("0", "1", 5))
     built = []
     monkeypatch.setattr("bct.sim.runner.build_verilog", lambda *a, **k: built.append(a))
-    with pytest.raises(ImageError, match="is corrupted"):
+    with pytest.raises(ImageError, match="layer0_w_mant"):
         simulate(qm, enc, work_dir=tmp_path / "w", base_dir=tmp_path)
     assert not built and p["prog"].depth["amem"] > 0
 

@@ -363,3 +363,21 @@ def test_real_minilm_round_trip(tmp_path):
     assert_same_model(qm, read_images(out, Config()))
     m = read_manifest(out)
     assert m["memories"]["embed_w_mant"]["depth"] == (30522 + 512 + 2) * 384 // 32
+
+
+def test_content_digest_names_the_content():
+    """Equal models have equal digests; one mantissa, one exponent or the config changes it."""
+    from bct.model.blocks import BlockTensor
+    cfg = Config()
+    qm = quantize(tiny_weights(), cfg)
+    d = images.content_digest(qm)
+    assert d == images.content_digest(quantize(tiny_weights(), cfg)) and len(d) == 16
+    assert d != images.content_digest(quantize(tiny_weights(), Config(acc_guard_bits=7)))
+    lw = qm.encoder[1]
+    for field in ("mant", "exp"):
+        t = lw.ffn2_w
+        mant, exp = t.mant.copy(), t.exp.copy()
+        (mant if field == "mant" else exp)[3, 1] += 1
+        other = dataclasses.replace(qm, encoder=(qm.encoder[0], dataclasses.replace(
+            lw, ffn2_w=BlockTensor(mant, exp, t.fmt))))
+        assert images.content_digest(other) != d, field
