@@ -16,7 +16,9 @@
 * a transposing re-blocker for ``V`` (``reblock_transposed``), the
   :class:`~bct.hw.softmax.SoftmaxUnit`, the :class:`~bct.hw.gelu.GeluUnit`, the
   :class:`~bct.hw.layernorm.LayerNormUnit` (identity gamma / beta, the affine with gamma / beta
-  read from ``vmem`` is a thin wrapper here), a residual adder and one shared
+  read from ``vmem`` is a thin wrapper here), a residual adder, the pool engine (the
+  sentence embedding, ``bct.model.integer._mean_pool`` of the last layer's output: exponent
+  scan, aligned sum per block, ``B`` restoring dividers by the token count) and one shared
   :class:`~bct.hw.blockify.Blockifier` in front of the write port;
 * the controller: it fetches ops from a program ROM (:func:`bct.hw.program.build_program`) and
   runs one op at a time; an op ends when its last output block is written.
@@ -385,6 +387,8 @@ class LayerAccelerator(wiring.Component):
                         tr_we, tr_addr, tr_word)
         self._rows(m, op, go, is_kind, start_kind, ra, rb, words_a, words_b, word_v, v_addr,
                    gelu, g_addr, bk_valid, bk_value, bk_scale, bk_addr, bk_ready, seq_len)
+        self._pool(m, op, start_kind["pool"], is_kind["pool"], ra, words_a, bk_valid, bk_value,
+                   bk_scale, bk_addr, bk_ready, seq_len)
         return m
 
     # ------------------------------------------------------------------------------------
@@ -810,3 +814,100 @@ class LayerAccelerator(wiring.Component):
                 gk = round_shift_saturate(m, prod, gcode, floor_, lo_lim)
                 bk = round_shift_saturate(m, b_sel[k], bcode, floor_, 2 * lo_lim)
                 m.d.comb += bk_value[k].eq(_clamp(gk + bk, -lo_lim, lo_lim))
+
+    # ------------------------------------------------------------------------------------
+    def _pool(self, m, op, start, active, ra, wa, bk_valid, bk_value, bk_scale, bk_addr,
+              bk_ready, seq_len):
+        """The sentence embedding (``bct.model.integer._mean_pool``): the masked mean over the
+        ``seq_len`` valid tokens of ``op.nbk`` blocks per row, one output row.
+
+        Four phases: scan the largest exponent of the valid rows (port A, one word a cycle);
+        per output block, sum the valid tokens' blocks aligned to that exponent minus the guard
+        bits (the residual adder's rounding shifters), divide the ``B`` sums by the token
+        count (``B`` restoring dividers, one quotient bit a cycle, then the RHAZ correction
+        ``2 * remainder >= count`` of :func:`bct.model.fixed.round_div`), hand the block to the
+        shared blockifier with the scale."""
+        cfg = self.cfg
+        B, G = cfg.block_size, cfg.acc_guard_bits
+        af = cfg.act_format
+        T, NB = self.T, self.max_blocks
+        EB = _exp_width(cfg)
+        lim = af.qmax << G                        # |aligned term| <= qmax * 2**G
+        NW = (lim * T).bit_length()               # magnitude bits of a sum over <= T tokens
+        DW = T.bit_length()                       # the count, 1 .. T
+        wide = len(bk_value[0])
+        if lim.bit_length() + 1 > wide:
+            raise ConfigError(f"the blockifier's {wide}-bit lanes cannot hold a pooled value "
+                              f"of {lim.bit_length() + 1} bits")
+        phase = Signal(range(5), name="pl_phase")  # 0 idle, 1 scan, 2 sum, 3 divide, 4 emit
+        t, j = Signal(range(T + 1), name="pl_t"), Signal(range(NB + 1), name="pl_j")
+        rv, rfirst, rlast = Signal(name="pl_rv"), Signal(name="pl_rfirst"), Signal(name="pl_rlast")
+        emax = Signal(signed(EB), name="pl_emax")
+        ntok = Signal(range(T + 1), name="pl_ntok")  # rows read: max(seq_len, 1)
+        none = Signal(name="pl_none")                 # seq_len == 0: every term masked
+        acc = [Signal(signed(NW + 1), name=f"pl_acc{k}") for k in range(B)]
+        neg = Signal(B, name="pl_neg")
+        rem = [Signal(DW + 1, name=f"pl_rem{k}") for k in range(B)]
+        step = Signal(range(NW + 1), name="pl_step")
+        with m.If(start):
+            m.d.sync += [phase.eq(1), t.eq(0), j.eq(0), rv.eq(0),
+                         ntok.eq(Mux(seq_len == 0, 1, seq_len)), none.eq(seq_len == 0)]
+        last_t = t == ntok - 1
+        # ---- reads (scan: every valid word, tokens outer; sum: block j's tokens)
+        issue = Signal(name="pl_issue")
+        m.d.comb += issue.eq(active & ((phase == 1) | (phase == 2)) & (t < ntok))
+        m.d.sync += rv.eq(issue)
+        with m.If(issue):
+            m.d.comb += ra.addr.eq(op.a_base + t * op.a_stride + j)
+            first = (t == 0) & ((phase == 2) | (j == 0))
+            m.d.sync += rfirst.eq(first)
+            with m.If(phase == 1):
+                lastj = j == op.nbk - 1
+                m.d.sync += [j.eq(Mux(lastj, 0, j + 1)), rlast.eq(lastj & last_t)]
+                with m.If(lastj):
+                    m.d.sync += t.eq(Mux(last_t, ntok, t + 1))
+            with m.Else():
+                m.d.sync += [rlast.eq(last_t), t.eq(Mux(last_t, ntok, t + 1))]
+        with m.If(active & (phase == 1) & rv):
+            m.d.sync += emax.eq(Mux(rfirst, wa.exp, _max(emax, wa.exp)))
+            with m.If(rlast):
+                m.d.sync += [phase.eq(2), t.eq(0), j.eq(0)]
+        # ---- aligned sum over the tokens of block j (scale = emax - G, as _mean_pool)
+        rscale = _sig(m, emax - G, signed(EB), "pl_scale")
+        code = shift_code(m, _sig(m, rscale - wa.exp, signed(EB + 1), "pl_shift"), G, af.bits + 1)
+        with m.If(active & (phase == 2) & rv):
+            for k in range(B):
+                term = round_shift_saturate(m, wa.mant[k], code, G, lim)
+                term = Mux(none, 0, term)
+                m.d.sync += acc[k].eq(Mux(rfirst, term, acc[k] + term))
+            with m.If(rlast):
+                m.d.sync += [phase.eq(3), step.eq(0)]
+        # ---- division by the count: sign and magnitude, one quotient bit a cycle
+        with m.If(active & (phase == 3)):
+            with m.If(step == 0):
+                m.d.sync += neg.eq(Cat(*(a < 0 for a in acc)))
+                m.d.sync += [a.eq(Mux(a < 0, -a, a)) for a in acc]
+                m.d.sync += [r.eq(0) for r in rem]
+                m.d.sync += step.eq(1)
+            with m.Else():
+                for k in range(B):
+                    mag = acc[k].as_unsigned()[:NW]
+                    r2 = _sig(m, Cat(mag[NW - 1], rem[k]), unsigned(DW + 2), f"pl_r2_{k}")
+                    ge = r2 >= ntok
+                    m.d.sync += [rem[k].eq(Mux(ge, r2 - ntok, r2)),
+                                 acc[k].eq(Cat(ge, mag[:NW - 1]))]
+                m.d.sync += step.eq(step + 1)
+                with m.If(step == NW):
+                    m.d.sync += phase.eq(4)
+        # ---- round half away from zero, restore the sign, blockify at the scale
+        with m.If(active & (phase == 4)):
+            for k in range(B):
+                q = _sig(m, acc[k].as_unsigned()[:NW] + (Cat(0, rem[k]) >= ntok),
+                         unsigned(NW + 1), f"pl_q{k}")
+                m.d.comb += bk_value[k].eq(Mux(neg[k], -q, q))
+            m.d.comb += [bk_valid.eq(1), bk_scale.eq(rscale), bk_addr.eq(op.out_base + j)]
+            with m.If(bk_ready):
+                with m.If(j == op.nbk - 1):
+                    m.d.sync += phase.eq(0)
+                with m.Else():
+                    m.d.sync += [j.eq(j + 1), t.eq(0), phase.eq(2)]

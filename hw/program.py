@@ -6,7 +6,9 @@
 LayerNorm gamma / beta, one vector block per address) and writes the op sequence the
 controller of :class:`bct.hw.layer.LayerAccelerator` executes: per layer the Q / K / V
 projections, per head the transposing re-block of V, the scores, the softmax and the context,
-then the output projection, residual, LayerNorm, FFN1, GELU, FFN2, residual, LayerNorm.
+then the output projection, residual, LayerNorm, FFN1, GELU, FFN2, residual, LayerNorm; after
+the last layer the sentence embedding (``pool``: masked mean over the valid tokens, one row of
+``hidden / block_size`` blocks in the ``embedding`` region).
 
 Everything that depends only on the weights (the largest weight and bias exponent of each
 matrix) is folded into the program; everything that depends on the activations (row scales,
@@ -38,7 +40,8 @@ __all__ = [
 ]
 
 #: Op codes of the controller (``kind`` field).
-OPS = {"end": 0, "mm": 1, "transpose": 2, "softmax": 3, "add": 4, "ln": 5, "gelu": 6}
+OPS = {"end": 0, "mm": 1, "transpose": 2, "softmax": 3, "add": 4, "ln": 5, "gelu": 6,
+       "pool": 7}
 
 #: Every layer stage the accelerator writes, in trace order (``layer{i}.<stage>``).
 STAGES = ("q", "k", "v", "scores", "probs", "context", "attn_out", "attn_res", "attn_ln",
@@ -193,6 +196,7 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
         region(name, "amem", rows, blocks)
     for i in range(L):
         region(f"out{i}", "amem", T, nbH)
+    region("embedding", "amem", 1, nbH)
     for i in range(L):
         for name in _MATRICES:
             n, k = {"ffn1_w": (F, nbH), "ffn2_w": (H, nbF)}.get(name, (H, nbH))
@@ -263,6 +267,10 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
         rowop("ln", R["ffn_res"], out, p + "out",
               v_base=R[p + "out_ln_g"].base, v2_base=R[p + "out_ln_b"].base)
         x = out
+    # the sentence model's head: masked mean of the last hidden state over the valid tokens
+    # (seq_len), re-encoded to the activation format (bct.model.integer._mean_pool)
+    op("pool", a_base=x.base, a_stride=nbH, rows=1, nbk=nbH, out_base=R["embedding"].base,
+       out_stride=nbH, note="embedding")
     op("end", note="end")
     return prog
 

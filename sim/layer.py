@@ -6,7 +6,9 @@ refuses images that do not match (:func:`bct.hw.program.check_images`) before an
 simulated, builds the RTL and runs ``tests/cocotb/tb_layer.py``-style testbenches, which load
 the layer input, run the program and compare every stage written on chip with the trace,
 exactly (``==``), reporting the first mismatch of each stage with its index, both values and
-the cycle at which the word was written.
+the cycle at which the word was written. The accelerator's last op, ``pool``, is compared
+too: ``embedding`` is the model's own ``_mean_pool`` of the last on-chip layer's ``out``
+(:func:`pooled`; with every layer on chip it is checked to equal the trace's ``embedding``).
 
 :func:`stage_words` / :func:`compare_words` are shared by the host and the testbench.
 """
@@ -27,7 +29,7 @@ from bct.model.images import MANIFEST, content_digest, write_images
 from bct.model.blocks import BlockTensor, reblock_transposed
 from bct.sim.bits import unpack_block
 
-__all__ = ["stage_words", "expected_stages", "compare_words", "prepare", "simulate",
+__all__ = ["stage_words", "expected_stages", "pooled", "compare_words", "prepare", "simulate",
            "TB_MODULE"]
 
 #: The testbench module (inside the package, so `bct demo` needs no test files).
@@ -56,10 +58,12 @@ def _heads(t: BlockTensor, A: int) -> BlockTensor:
     return heads(t, A, t.shape[-1] // A)
 
 
-def expected_stages(prog: Program, stages: dict, layers: list[int]) -> dict:
+def expected_stages(prog: Program, stages: dict, layers: list[int], seq_len: int) -> dict:
     """``{name: {"base", "words"}}`` of every stage the accelerator keeps for ``layers``
     (the scratch regions hold the last layer's stages; each layer's ``out`` is kept), plus
-    the re-blocked V (``layer{i}.vt``, not a model stage: ``reblock_transposed`` of V)."""
+    the re-blocked V (``layer{i}.vt``, not a model stage: ``reblock_transposed`` of V) and
+    ``embedding``: the model's own ``_mean_pool`` of the last on-chip layer's ``out`` over
+    the first ``seq_len`` tokens (the sentence embedding when every layer runs on chip)."""
     A = prog.shape.heads
     last = max(layers)
     out = {}
@@ -74,7 +78,19 @@ def expected_stages(prog: Program, stages: dict, layers: list[int]) -> dict:
             vt = reblock_transposed(_heads(stages[f"layer{i}.v"], A), prog.cfg.act_format)
             out[f"layer{i}.vt"] = {"base": prog.regions["vt"].base,
                                    "words": stage_words(prog, vt, "heads")}
+    out["embedding"] = {"base": prog.regions["embedding"].base,
+                        "words": stage_words(prog, pooled(prog, stages, last, seq_len), "rows")}
     return out
+
+
+def pooled(prog: Program, stages: dict, layer: int, seq_len: int) -> BlockTensor:
+    """``bct.model.integer._mean_pool`` of ``layer{layer}.out`` over the first ``seq_len``
+    tokens: what the accelerator's ``pool`` op writes to the ``embedding`` region."""
+    from bct.model.integer import _mean_pool
+
+    x = stages[f"layer{layer}.out"]
+    mask = (np.arange(x.shape[1]) < seq_len)[None]
+    return _mean_pool(x, mask, prog.cfg)
 
 
 def compare_words(name: str, expected: list[int], got: list[int], cycles: list[int] | None,
@@ -137,7 +153,11 @@ def prepare(qm, enc, *, layers: int = 1, work_dir, image_root=None, images=None,
         raise ValueError(f"layers must be in 1..{qm.layers}, not {layers}")
     stages = model_trace(qm, enc) if trace is None else trace
     T = stages["embed.ln"].shape[1]
-    seq_len = int(np.asarray(enc.attention_mask).sum())
+    mask = np.asarray(enc.attention_mask)[0]
+    seq_len = int(mask.sum())
+    if not (mask[:seq_len] == 1).all():
+        raise ValueError("the co-simulation takes an attention mask of leading valid tokens "
+                         "(ones, then zeros): the accelerator masks by seq_len")
     shape = LayerShape(qm.hidden, qm.heads, qm.ffn, T, layers)
     prog = build_program(cfg, shape, qm)
     if images is None:
@@ -157,7 +177,12 @@ def prepare(qm, enc, *, layers: int = 1, work_dir, image_root=None, images=None,
     work_dir.mkdir(parents=True, exist_ok=True)
     prog.write(work_dir / "program.json")
     x = stages["embed.ln"]
-    expected = expected_stages(prog, stages, list(range(layers)))
+    expected = expected_stages(prog, stages, list(range(layers)), seq_len)
+    if layers == qm.layers and "embedding" in stages:  # the on-chip pool is the model's head
+        e, want = pooled(prog, stages, layers - 1, seq_len), stages["embedding"]
+        if not (np.array_equal(e.mant, want.mant) and np.array_equal(e.exp, want.exp)):
+            raise ValueError("the trace's embedding is not _mean_pool of its last layer's out "
+                             "over the first seq_len tokens")
     af = cfg.act_format
     data = {
         "input": {"base": prog.regions["x"].base, "words": stage_words(prog, x, "rows")},
@@ -177,6 +202,8 @@ def prepare(qm, enc, *, layers: int = 1, work_dir, image_root=None, images=None,
 
 
 def _blocks_per_row(prog: Program, name: str) -> int:
+    if name == "embedding":
+        return prog.regions["embedding"].blocks
     stage = name.split(".", 1)[1]
     region = prog.regions["vt"] if stage == "vt" else prog.stage_region(
         int(name[5:name.index(".")]), stage)

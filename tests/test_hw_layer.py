@@ -4,9 +4,11 @@
   simulation);
 * one full encoder layer of all-MiniLM-L6-v2 on a real sentence (18 tokens, padded to one block
   of 32) on Verilator, every stage compared exactly with `bct.model.integer.trace` and the MAC
-  utilisation over the layer checked (>= 80 %);
-* BCT_SLOW=1: all six layers in one program, and a tampered model trace that must be reported
-  with the first mismatch.
+  utilisation over the layer checked (>= 80 %), and the on-chip mean pooling (``pool`` op) of
+  its output == the model's ``_mean_pool``; the pool engine alone on the Amaranth simulator;
+* BCT_SLOW=1: all six layers in one program (the on-chip pool is then the model's sentence
+  embedding), layer 0 at the ~7.9x config (4-bit weights in blocks of 128: four K-blocks per
+  weight word), and a tampered model trace that must be reported with the first mismatch.
 """
 
 import json
@@ -77,9 +79,13 @@ def test_program_minilm_layout():
     prog = build_program(cfg, LayerShape(384, 12, 1536, 32, layers=2))
     kinds = [o["kind"] for o in prog.ops]
     # per layer: 3 projections, 12 V re-blocks, 12 x (scores, softmax, context), out proj,
-    # add, LN, FFN1, GELU, FFN2, add, LN; then end
-    assert len(prog.ops) == 2 * (3 + 12 + 36 + 8) + 1 and kinds[-1] == "end"
+    # add, LN, FFN1, GELU, FFN2, add, LN; then the pooling of the last layer's out, end
+    assert len(prog.ops) == 2 * (3 + 12 + 36 + 8) + 2 and kinds[-2:] == ["pool", "end"]
     assert set(kinds) == set(OPS)
+    pool, emb = prog.ops[-2], prog.regions["embedding"]
+    assert (pool["a_base"], pool["a_stride"], pool["nbk"], pool["rows"], pool["out_base"]) == (
+        prog.regions["out1"].base, 12, 12, 1, emb.base)
+    assert (emb.rows, emb.blocks) == (1, 12)
     assert prog.depth["wmem"] == 2 * 55296 and prog.depth["vmem"] == 2 * (9 * 12 + 48)
     for mem in ("amem", "wmem", "vmem"):  # regions tile each memory without overlap
         spans = sorted((r.base, r.base + r.words) for r in prog.regions.values() if r.memory == mem)
@@ -223,6 +229,33 @@ def test_images_refused(tiny, tmp_path):
         check_images(tmp_path / "missing", prog)
 
 
+def test_prepare_checks_mask_and_embedding(tiny, tmp_path):
+    """The accelerator masks by seq_len: a mask with a hole is refused; with every layer on
+    chip the expected pool is the trace's own sentence embedding (a tampered one is refused)."""
+    from bct.model.blocks import BlockTensor
+    from bct.model.integer import trace
+    from bct.sim import layer as sim_layer
+    qm, _ = tiny
+    ids = np.arange(1, 21)[None]
+    enc = Encoding(ids, np.zeros_like(ids), np.ones_like(ids))
+    st = dict(trace(qm, enc))
+    p = sim_layer.prepare(qm, enc, work_dir=tmp_path / "w", image_root=tmp_path / "img", trace=st)
+    data = json.loads((tmp_path / "w" / "data.json").read_text())
+    emb = p["prog"].regions["embedding"]
+    assert data["expected"]["embedding"] == {
+        "base": emb.base, "words": stage_words(p["prog"], st["embedding"], "rows")}
+    assert data["blocks_per_row"]["embedding"] == emb.blocks == 2
+    t = st["embedding"]
+    st["embedding"] = BlockTensor(t.mant, t.exp + 1, t.fmt)
+    with pytest.raises(ValueError, match="the trace's embedding is not _mean_pool"):
+        sim_layer.prepare(qm, enc, work_dir=tmp_path / "w", image_root=tmp_path / "img", trace=st)
+    holed = np.ones_like(ids)
+    holed[0, 5] = 0
+    with pytest.raises(ValueError, match="attention mask of leading valid tokens"):
+        sim_layer.prepare(qm, Encoding(ids, np.zeros_like(ids), holed), work_dir=tmp_path / "w",
+                          image_root=tmp_path / "img")
+
+
 def test_simulation_refuses_bad_images(tiny, tmp_path, monkeypatch):
     """A corrupted image in the image cache stops `simulate` before any build."""
     qm, _ = tiny
@@ -240,6 +273,97 @@ def test_simulation_refuses_bad_images(tiny, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------
+# The pool engine alone (Amaranth simulator): LayerAccelerator._pool and the blockifier
+
+
+def _run_pool(seq_len, seed, H=64, T=32):
+    """Run the ``pool`` op of a one-layer program on random blocks (varied exponents, one
+    all-zero block) held in ``out0``; returns the blocks written, their addresses, the
+    cycles from the op's start to the last block, and the model's ``_mean_pool``."""
+    from amaranth import Module, Signal, signed, unsigned
+    from amaranth.lib import data
+    from amaranth.lib.memory import Memory
+    from amaranth.sim import Simulator
+
+    from bct.hw.blockify import Blockifier
+    from bct.hw.layer import LayerAccelerator, _exp_width
+    from bct.hw.program import pack_word
+    from bct.model.blocks import encode
+    from bct.model.integer import _mean_pool
+    from bct.sim.bits import unpack_block
+
+    cfg = Config()
+    B, af = cfg.block_size, cfg.act_format
+    prog = build_program(cfg, LayerShape(H, 2, 128, T))
+    acc = LayerAccelerator(prog, {})
+    acc._MustUse__silence = True  # only its _pool engine is elaborated here
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, T, H)) * 2.0 ** rng.integers(-5, 5, (1, T, H // B)).repeat(B, -1)
+    x[0, 3, :B] = 0
+    xt = encode(x, af)
+    want = _mean_pool(xt, (np.arange(T) < seq_len)[None], cfg)
+    src, words = prog.regions["out0"], [0] * prog.depth["amem"]
+    for t in range(T):
+        for j in range(H // B):
+            words[src.base + t * src.blocks + j] = pack_word(
+                xt.blocks[0, t, j].tolist(), int(xt.exp[0, t, j]), af.bits, af.exp_bits)
+    m = Module()
+    m.submodules.amem = amem = Memory(shape=unsigned(acc.widths["amem"]), depth=len(words),
+                                      init=words)
+    ra = amem.read_port()
+    wa = Signal(data.StructLayout({"mant": data.ArrayLayout(signed(af.bits), B),
+                                   "exp": signed(af.exp_bits)}))
+    op = Signal(acc.op_layout)
+    pool = next(o for o in prog.ops if o["kind"] == "pool")
+    m.d.comb += [wa.eq(ra.data), op.eq(acc.op_layout.const(
+        {k: (OPS[v] if k == "kind" else v) for k, v in pool.items() if k in acc.op_layout.members}))]
+    wide = max(cfg.acc_bits, cfg.add_bits, cfg.ln_out_bits, cfg.softmax_out_frac + 2)
+    m.submodules.blk = blk = Blockifier(cfg, wide, _exp_width(cfg), af)
+    start, active, sl = Signal(), Signal(), Signal(range(T + 1))
+    bk_valid, bk_value = Signal(), Signal(data.ArrayLayout(signed(wide), B))
+    bk_scale, bk_addr, bk_ready = Signal(signed(_exp_width(cfg))), Signal(acc.abits), Signal()
+    m.d.comb += [bk_ready.eq(blk.i.ready), blk.i.valid.eq(bk_valid), blk.o.ready.eq(1),
+                 blk.i.payload.value.eq(bk_value), blk.i.payload.scale.eq(bk_scale)]
+    acc._pool(m, op, start, active, ra, wa, bk_valid, bk_value, bk_scale, bk_addr, bk_ready, sl)
+    out, addrs, cycles = [], [], []
+
+    async def bench(ctx):
+        ctx.set(sl, seq_len)
+        ctx.set(start, 1)
+        await ctx.tick()
+        ctx.set(start, 0)
+        ctx.set(active, 1)
+        for c in range(5000):
+            if ctx.get(bk_valid) and ctx.get(bk_ready):
+                addrs.append(ctx.get(bk_addr))
+            if ctx.get(blk.o.valid):
+                out.append(unpack_block(ctx.get(blk.o.payload.as_value()), af.bits,
+                                        af.exp_bits, B))
+                if len(out) == H // B:
+                    cycles.append(c + 1)
+                    return
+            await ctx.tick()
+
+    sim = Simulator(m)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.run()
+    return out, addrs, cycles, want, prog
+
+
+@pytest.mark.parametrize("seq_len, seed", [(20, 0), (32, 1), (1, 2), (0, 3)])
+def test_pool_engine_matches_mean_pool(seq_len, seed):
+    """The pool op (exponent scan, aligned sum, B dividers with RHAZ, blockifier) writes
+    exactly `_mean_pool` of the valid tokens (none valid: zeros) to the embedding region."""
+    out, addrs, cycles, want, prog = _run_pool(seq_len, seed)
+    base = prog.regions["embedding"].base
+    assert addrs == [base, base + 1]
+    assert [(list(mm), e) for mm, e in out] == [
+        (want.blocks[0, j].tolist(), int(want.exp[0, j])) for j in range(2)]
+    assert cycles and cycles[0] < 2 * (max(seq_len, 1) * 3 + 30)
+
+
+# ------------------------------------------------------------------------------------------
 # Co-simulation
 
 
@@ -249,8 +373,11 @@ def test_one_layer_real_sentence(minilm, tmp_path):
     assert enc.attention_mask.sum() >= 16
     r = simulate(qm, enc, layers=1, work_dir=tmp_path)
     assert r["bit_exact"] and not r["mismatches"], r["mismatches"]
-    assert set(r["stages"]) == {f"layer0.{s}" for s in STAGES} | {"layer0.vt"}
+    assert set(r["stages"]) == {f"layer0.{s}" for s in STAGES} | {"layer0.vt", "embedding"}
     assert all(r["stages"].values())
+    # the pool op (the last before end) costs well under 0.2 % of the layer
+    pool = next(o["start_cycle"] for o in r["ops"] if o["op"] == "embedding")
+    assert 0 < r["cycles"] - pool < 0.002 * r["cycles"], (pool, r["cycles"])
     # every MAC of the layer: 32 x (4 * 384 * 384 + 2 * 384 * 1536 + 2 * 12 * 32 * 32) / 64 PEs
     assert r["mac_beats"] == 32 * (4 * 384 * 384 + 2 * 384 * 1536 + 24 * 32 * 32) // 64
     assert r["utilisation"] >= 0.8, r["utilisation"]
@@ -261,13 +388,40 @@ def test_one_layer_real_sentence(minilm, tmp_path):
 @SLOW
 def test_six_layers_real_sentence(minilm, tmp_path):
     """All six layers in one program; each layer's output and every stage of the last layer
-    == the model; the mean-pooled sentence embedding of the RTL's last hidden state (pooling on
-    the host, with the model's own function) equals the model's."""
+    == the model; the on-chip pool (``embedding``) == the model's sentence embedding (the
+    trace's ``embedding`` stage, which `prepare` checks is the expected pool)."""
+    from bct.model.integer import trace
+    from bct.sim.layer import pooled
     qm, enc = minilm
-    r = simulate(qm, enc, layers=6, work_dir=tmp_path)
+    st = trace(qm, enc)
+    r = simulate(qm, enc, layers=6, work_dir=tmp_path, trace=st)
     assert r["bit_exact"] and all(r["stages"].values()), r["mismatches"]
-    assert {f"layer{i}.out" for i in range(6)} <= set(r["stages"])
+    assert {f"layer{i}.out" for i in range(6)} | {"embedding"} <= set(r["stages"])
+    e = pooled(build_program(qm.cfg, LayerShape(384, 12, 1536, 32, 6)), st, 5,
+               int(enc.attention_mask.sum()))
+    assert (e.mant == st["embedding"].mant).all() and (e.exp == st["embedding"].exp).all()
     assert r["utilisation"] >= 0.8
+
+
+@pytest.mark.slow
+@SLOW
+def test_one_layer_w4_weight_words(tmp_path):
+    """Layer 0 of all-MiniLM-L6-v2 at the ~7.9x config (4-bit weights in blocks of 128, 6-bit
+    exponents): a weight word holds four K-blocks, selected a cycle after the ROM read; every
+    stage and the pool == the model."""
+    from bct.hw.program import weight_ratio
+    from bct.model.checkpoint import load_bert, load_tokenizer
+    cfg = Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)
+    assert weight_ratio(cfg) == 4
+    try:
+        w, tok = load_bert(), load_tokenizer()
+    except Exception as e:  # pragma: no cover - the package is a test dependency
+        pytest.skip(f"all-MiniLM-L6-v2 not available: {e}")
+    qm, enc = quantize(w, cfg), tok.encode([SENTENCE], max_len=32)
+    r = simulate(qm, enc, layers=1, work_dir=tmp_path)
+    assert r["bit_exact"] and not r["mismatches"], r["mismatches"]
+    assert set(r["stages"]) == {f"layer0.{s}" for s in STAGES} | {"layer0.vt", "embedding"}
+    assert r["mac_beats"] == 32 * (4 * 384 * 384 + 2 * 384 * 1536 + 24 * 32 * 32) // 64
 
 
 @pytest.mark.slow
