@@ -199,15 +199,18 @@ class MatmulArray(wiring.Component):
         R, C, B, G = cfg.array_rows, cfg.array_cols, cfg.block_size, cfg.acc_guard_bits
         operand_bits = max(cfg.weight_format.bits, cfg.act_format.bits)
 
-        # Global pipeline enable: everything up to the accumulators advances unless a finished
-        # tile waits for the drain registers. It reaches every pipeline register, so it is a
-        # register itself (computed a cycle ahead from the next state of the control, below),
-        # and out.ready, which only moves the output FIFO, never reaches it. The two operand
-        # streams are joined (ready needs the other's valid).
-        en = Signal(init=1)
-        m.d.comb += [self.act.ready.eq(en & self.weight.valid),
-                     self.weight.ready.eq(en & self.act.valid)]
-        take = en & self.act.valid & self.weight.valid
+        # No pipeline enable: every PE register advances every cycle (a valid flag travels
+        # with the data), so no control net fans out to the thousands of PE flip-flops. The
+        # only stall is at the input: a tile's last beat is taken only when its finish will
+        # find the drain registers free, i.e. when they are empty now and no other tile's
+        # finish is in flight (``inflight``); nothing else can fill them before it arrives.
+        # The two operand streams are joined (ready needs the other's valid).
+        full = Signal()  # the drain registers hold a tile
+        inflight = Signal()  # a taken last beat has not reached the accumulators yet
+        admit = ~self.act.payload.last | (~inflight & ~full)
+        m.d.comb += [self.act.ready.eq(admit & self.weight.valid),
+                     self.weight.ready.eq(admit & self.act.valid)]
+        take = admit & self.act.valid & self.weight.valid
 
         # Stage 0: input registers (broadcast along rows / columns from here).
         s0_valid = Signal()
@@ -216,17 +219,16 @@ class MatmulArray(wiring.Component):
         s0_first = Signal()  # first beat of a K-block
         s0_block_last = Signal()
         kpos = Signal(range(B))  # position inside the K-block (B is a power of two: wraps)
-        with m.If(en):
-            m.d.sync += s0_valid.eq(take)
-            with m.If(take):
-                m.d.sync += [s0_act.eq(self.act.payload), s0_wgt.eq(self.weight.payload),
-                             s0_first.eq(kpos == 0), s0_block_last.eq(kpos == B - 1),
-                             kpos.eq(kpos + 1)]
+        m.d.sync += s0_valid.eq(take)
+        with m.If(take):
+            m.d.sync += [s0_act.eq(self.act.payload), s0_wgt.eq(self.weight.payload),
+                         s0_first.eq(kpos == 0), s0_block_last.eq(kpos == B - 1),
+                         kpos.eq(kpos + 1)]
 
         # Stage 1: one product per PE, two register stages (operands, product): one DSP block
         # with its input and output registers. A synthesis platform may provide
-        # ``registered_multiplier(m, a, b, out, en)`` that instantiates the device's DSP
-        # primitive with exactly these two registers (bct.synth does for ECP5, whose Yosys
+        # ``registered_multiplier(m, a, b, out, en)`` (called with ``en = 1``) that
+        # instantiates the device's DSP primitive with exactly these two registers (bct.synth does for ECP5, whose Yosys
         # flow does not pack registers into MULT18X18D); otherwise it is inferred.
         mul = [[Signal(signed(cfg.act_format.bits + operand_bits), name=f"mul_{r}_{c}")
                 for c in range(C)] for r in range(R)]
@@ -234,30 +236,27 @@ class MatmulArray(wiring.Component):
         sm_valid, sm_first, sm_block_last, sm_last = Signal(), Signal(), Signal(), Signal()
         sm_ashift = Signal.like(s0_act.shift)
         sm_wshift = Signal.like(s0_wgt.shift)
-        with m.If(en):
-            m.d.sync += sm_valid.eq(s0_valid)
-            with m.If(s0_valid):
-                m.d.sync += [sm_first.eq(s0_first), sm_block_last.eq(s0_block_last),
-                             sm_last.eq(s0_act.last), sm_ashift.eq(s0_act.shift),
-                             sm_wshift.eq(s0_wgt.shift)]
+        m.d.sync += sm_valid.eq(s0_valid)
+        with m.If(s0_valid):
+            m.d.sync += [sm_first.eq(s0_first), sm_block_last.eq(s0_block_last),
+                         sm_last.eq(s0_act.last), sm_ashift.eq(s0_act.shift),
+                         sm_wshift.eq(s0_wgt.shift)]
         for r in range(R):
             for c in range(C):
                 if hook is not None:
-                    hook(m, s0_act.x[r], s0_wgt.w[c], mul[r][c], en)
+                    hook(m, s0_act.x[r], s0_wgt.w[c], mul[r][c], 1)
                     continue
                 xa = Signal.like(s0_act.x[r], name=f"xa_{r}_{c}")
                 wb = Signal.like(s0_wgt.w[c], name=f"wb_{r}_{c}")
-                with m.If(en):
-                    m.d.sync += [xa.eq(s0_act.x[r]), wb.eq(s0_wgt.w[c]), mul[r][c].eq(xa * wb)]
+                m.d.sync += [xa.eq(s0_act.x[r]), wb.eq(s0_wgt.w[c]), mul[r][c].eq(xa * wb)]
         s1_valid, s1_first, s1_block_last, s1_last = Signal(), Signal(), Signal(), Signal()
         s1_ashift = Signal.like(s0_act.shift)
         s1_wshift = Signal.like(s0_wgt.shift)
-        with m.If(en):
-            m.d.sync += s1_valid.eq(sm_valid)
-            with m.If(sm_valid):
-                m.d.sync += [s1_first.eq(sm_first), s1_block_last.eq(sm_block_last),
-                             s1_last.eq(sm_last), s1_ashift.eq(sm_ashift),
-                             s1_wshift.eq(sm_wshift)]
+        m.d.sync += s1_valid.eq(sm_valid)
+        with m.If(sm_valid):
+            m.d.sync += [s1_first.eq(sm_first), s1_block_last.eq(sm_block_last),
+                         s1_last.eq(sm_last), s1_ashift.eq(sm_ashift),
+                         s1_wshift.eq(sm_wshift)]
 
         # Stage 2: accumulate the block product P; at the block's end, each PE's total shift.
         W = cfg.block_product_bits + G + 1  # width of (P << G+1) - (P < 0)
@@ -266,17 +265,16 @@ class MatmulArray(wiring.Component):
         ushift = [[Signal(range(2 * self.shift_max + 1), name=f"u_{r}_{c}") for c in range(C)]
                   for r in range(R)]
         s2_done, s2_last = Signal(), Signal()  # prod holds a finished K-block
-        with m.If(en):
-            m.d.sync += s2_done.eq(s1_valid & s1_block_last)
-            with m.If(s1_valid):
+        m.d.sync += s2_done.eq(s1_valid & s1_block_last)
+        with m.If(s1_valid):
+            for r in range(R):
+                for c in range(C):
+                    m.d.sync += prod[r][c].eq(Mux(s1_first, 0, prod[r][c]) + mul[r][c])
+            with m.If(s1_block_last):
+                m.d.sync += s2_last.eq(s1_last)
                 for r in range(R):
                     for c in range(C):
-                        m.d.sync += prod[r][c].eq(Mux(s1_first, 0, prod[r][c]) + mul[r][c])
-                with m.If(s1_block_last):
-                    m.d.sync += s2_last.eq(s1_last)
-                    for r in range(R):
-                        for c in range(C):
-                            m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
+                        m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
 
         # Stages 3a, 3b, 3 and 4: round_shift(P << G, u) = (((P << G+1) - (P < 0)) >>> u) + 1)
         # >>> 1 (round_shift_hw): the operand, the arithmetic shift by u & ~7, by u & 7, the
@@ -289,35 +287,33 @@ class MatmulArray(wiring.Component):
         opnd, coarse, fined, term = regs("so"), regs("sc"), regs("sf"), regs("t")
         sa_done, sa_last, sb_done, sb_last = Signal(), Signal(), Signal(), Signal()
         s3_done, s3_last, s4_done, s4_last = Signal(), Signal(), Signal(), Signal()
-        with m.If(en):
-            m.d.sync += [sa_done.eq(s2_done), sb_done.eq(sa_done), s3_done.eq(sb_done)]
-            with m.If(s2_done):
-                m.d.sync += sa_last.eq(s2_last)
-                for r in range(R):
-                    for c in range(C):
-                        p = prod[r][c]
-                        m.d.sync += opnd[r][c].eq((p << (G + 1)) - (p < 0))
-            with m.If(sa_done):
-                m.d.sync += sb_last.eq(sa_last)
-                for r in range(R):
-                    for c in range(C):
-                        m.d.sync += coarse[r][c].eq(opnd[r][c] >> (ushift[r][c] >> 3 << 3))
-            with m.If(sb_done):
-                m.d.sync += s3_last.eq(sb_last)
-                for r in range(R):
-                    for c in range(C):
-                        m.d.sync += fined[r][c].eq(coarse[r][c] >> ushift[r][c][:3])
-            with m.If(s3_done):
-                for r in range(R):
-                    for c in range(C):
-                        m.d.sync += term[r][c].eq((fined[r][c] + 1) >> 1)
+        m.d.sync += [sa_done.eq(s2_done), sb_done.eq(sa_done), s3_done.eq(sb_done)]
+        with m.If(s2_done):
+            m.d.sync += sa_last.eq(s2_last)
+            for r in range(R):
+                for c in range(C):
+                    p = prod[r][c]
+                    m.d.sync += opnd[r][c].eq((p << (G + 1)) - (p < 0))
+        with m.If(sa_done):
+            m.d.sync += sb_last.eq(sa_last)
+            for r in range(R):
+                for c in range(C):
+                    m.d.sync += coarse[r][c].eq(opnd[r][c] >> (ushift[r][c] >> 3 << 3))
+        with m.If(sb_done):
+            m.d.sync += s3_last.eq(sb_last)
+            for r in range(R):
+                for c in range(C):
+                    m.d.sync += fined[r][c].eq(coarse[r][c] >> ushift[r][c][:3])
+        with m.If(s3_done):
+            for r in range(R):
+                for c in range(C):
+                    m.d.sync += term[r][c].eq((fined[r][c] + 1) >> 1)
 
         # Stage 5: accumulate; a finished tile is copied into the drain registers.
         acc = [[Signal(signed(cfg.acc_bits), name=f"acc_{r}_{c}") for c in range(C)]
                for r in range(R)]
         drain = [[Signal(signed(cfg.acc_bits), name=f"drain_{r}_{c}") for c in range(C)]
                  for r in range(R)]
-        full = Signal()  # the drain registers hold a tile
         row = Signal(range(R))
         bias_full = Signal()
         # the bias as the shifters take it: (qb << G+1) - (qb < 0) (round_shift_hw's operand)
@@ -326,8 +322,8 @@ class MatmulArray(wiring.Component):
         b_row = Signal.like(self.bias.payload.row_shift)
         credits = Signal(range(self.out_depth + 1), init=self.out_depth)
 
-        # Control, all registers: pop (a drain row leaves: it has its bias and a credit),
-        # pop_last (the tile's last row) and en are computed from the next state of full,
+        # Control, all registers: pop (a drain row leaves: it has its bias and a credit) and
+        # pop_last (the tile's last row) are computed from the next state of full,
         # bias_full, row, credits and the stage-4 flags, so each is the same function of the
         # state as if it were combinational, one cycle earlier.
         pop, pop_last = Signal(), Signal()
@@ -336,14 +332,13 @@ class MatmulArray(wiring.Component):
         level = Signal(range(depth + 1))  # rows in the output FIFO
         back = (level != 0) & self.out.ready  # a row leaves the FIFO: its credit returns
         bias_take = self.bias.valid & self.bias.ready
-        # The registered en, pop and pop_last drive thousands of flip-flops; the next-state
+        # The registered pop and pop_last drive hundreds of flip-flops; the next-state
         # logic uses their values recomputed from the low-fan-out state registers instead
         # (equal by construction), so no high-fan-out net sits on a control path.
         zero = Signal()
         pop_c = full & bias_full & ~zero
         pop_last_c = pop_c & (row == R - 1)
-        en_c = ~finish | ~full | pop_last_c
-        full_n = Mux(en_c & finish, 1, Mux(pop_last_c, 0, full))
+        full_n = Mux(finish, 1, Mux(pop_last_c, 0, full))  # (admission: never both)
         bias_full_n = Mux(self.bias.valid & (~bias_full | pop_last_c), 1,
                           Mux(pop_last_c, 0, bias_full))
         row_n = Mux(pop_c, Mux(row == R - 1, 0, row + 1), row)
@@ -358,19 +353,19 @@ class MatmulArray(wiring.Component):
         zero_n = Mux(dec, credits == 1, Mux(inc, 0, credits == 0))
         one_n = Mux(dec, credits == 2, Mux(inc, credits == 0, credits == 1))
         credits_nz = ~((zero | (one & pop_c)) & ~back_r)
-        s4_done_n = Mux(en_c, s3_done, s4_done)
-        s4_last_n = Mux(en_c & s3_done, s3_last, s4_last)
+        s4_last_n = Mux(s3_done, s3_last, s4_last)
         pop_n = full_n & bias_full_n & credits_nz
         pop_last_n = pop_n & (row_n == R - 1)
         m.d.sync += [full.eq(full_n), bias_full.eq(bias_full_n), row.eq(row_n),
                      credits.eq(credits_n), back_r.eq(back), zero.eq(zero_n),
-                     one.eq(one_n), s4_done.eq(s4_done_n), s4_last.eq(s4_last_n),
+                     one.eq(one_n), s4_done.eq(s3_done), s4_last.eq(s4_last_n),
                      pop.eq(pop_n), pop_last.eq(pop_last_n),
-                     en.eq(~(s4_done_n & s4_last_n) | ~full_n | pop_last_n)]
+                     inflight.eq(Mux(take & self.act.payload.last, 1,
+                                     Mux(finish, 0, inflight)))]
 
         # The accumulators restart from 0 after the tile's last block (a synchronous reset of
         # the register, no multiplexer in front of the adder).
-        with m.If(en & s4_done):
+        with m.If(s4_done):
             for r in range(R):
                 for c in range(C):
                     total = acc[r][c] + term[r][c]
