@@ -251,7 +251,7 @@ def test_mse_search_never_increases_any_block_error(fmt):
     assert (d < 0).any()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(float_blocks)
 def test_mse_search_properties(x):
     fmt = BlockFormat(4, 32, 6)
