@@ -3,8 +3,8 @@
 ``bct estimate`` prints them as JSON. The cycle model uses the RTL units' own timing
 attributes (``MatmulArray.latency``, ``SoftmaxUnit.row_period``, ``LayerNormUnit.row_cycles``)
 and the matmul array's tile schedule (docs/hardware.md, "Matmul array"): a run of ``T`` tiles of
-reduction ``K`` on an ``R x C`` array takes ``T * max(K, R) + latency + R - 1`` cycles, exact
-for ``K >= R`` (checked against simulation in ``tests/test_estimate.py``). The resource model
+reduction ``K`` on an ``R x C`` array takes ``K + (T - 1) * max(K, R + admit_gap) + latency +
+R - 1`` cycles, exact (checked against simulation in ``tests/test_estimate.py``). The resource model
 counts the matmul array's registers bit by bit and its LUTs with per-bit costs calibrated on
 ECP5 (docs/synthesis.md gives the tolerances against the synthesis reports).
 """
@@ -41,9 +41,10 @@ LUT_SCALE = {"ecp5": 1.0, "nexus": 1.0, "ice40": 1.85, "ice40-nodsp": 1.85, "xc7
 MUL_LUT_PER_BIT2 = 2.8
 
 
-def _latency() -> int:
+def _timing() -> tuple[int, int]:
+    """``(latency, admit_gap)`` of :class:`bct.hw.matmul.MatmulArray`."""
     from bct.hw.matmul import MatmulArray
-    return MatmulArray.latency
+    return MatmulArray.latency, MatmulArray.admit_gap
 
 
 def matmul_run_cycles(cfg: Config, tiles: int, K: int) -> int:
@@ -61,13 +62,16 @@ def matmul_run_cycles(cfg: Config, tiles: int, K: int) -> int:
     Returns
     -------
     int
-        ``tiles * max(K, R) + MatmulArray.latency + R - 1`` (exact for ``K >= R``).
+        ``K + (tiles - 1) * max(K, R + admit_gap) + latency + R - 1`` with ``latency`` and
+        ``admit_gap`` of :class:`~bct.hw.matmul.MatmulArray` (exact: a tile's last beat is
+        admitted only when the previous tile can drain).
     """
     if tiles < 1 or K < 1:
         raise ValueError(f"tiles and K must be positive, not {tiles}, {K}")
     R, B = cfg.array_rows, cfg.block_size
     Kp = -(-K // B) * B
-    return tiles * max(Kp, R) + _latency() + R - 1
+    latency, gap = _timing()
+    return Kp + (tiles - 1) * max(Kp, R + gap) + latency + R - 1
 
 
 def _matmul(cfg: Config, M: int, K: int, N: int, count: int = 1) -> dict:

@@ -121,8 +121,8 @@ def _units(cfg: Config, opt: GenOptions) -> dict:
             "latency_cycles": mm_latency,
             "latency": f"first output row {mm_latency} cycles after a tile's last act/weight "
                        "beat; the last row R - 1 cycles later",
-            "throughput": "one K-element (R x C MACs) per cycle; PE utilisation K / max(K, R) "
-                          "on back-to-back tiles",
+            "throughput": f"one K-element (R x C MACs) per cycle; PE utilisation K / max(K, R + "
+                          f"{MatmulArray.admit_gap}) on back-to-back tiles",
             "parameters": {"rows": cfg.array_rows, "cols": cfg.array_cols},
         }, base),
         "bct_blockify_acc": (Blockifier(cfg, cfg.acc_bits, _acc_scale_bits(cfg), cfg.act_format),

@@ -192,6 +192,12 @@ class MatmulArray(wiring.Component):
     #: term, sum, output FIFO.
     latency = 15
 
+    #: Cycles from admitting a tile's last beat until the drain registers can take another
+    #: finish, minus ``R`` (its ``R`` rows pop one per cycle): 8 to the accumulators, 1 to
+    #: the first pop. Tiles' last beats are thus at least ``R + admit_gap`` cycles apart
+    #: (``bct.estimate.matmul_run_cycles``), which only binds when ``K < R + admit_gap``.
+    admit_gap = 9
+
 
     def elaborate(self, platform):
         m = Module()
