@@ -218,34 +218,39 @@ class MatmulArray(wiring.Component):
                      self.weight.ready.eq(admit & self.act.valid)]
         take = admit & self.act.valid & self.weight.valid
 
-        # Stage 0: input registers (broadcast along rows / columns from here).
+        # Stage 0: input registers (broadcast along rows / columns from here). A cycle without
+        # a beat enters as x = 0 with no block flags, so the product and block-product stages
+        # below need no enable either: a bubble adds 0.
         s0_valid = Signal()
         s0_act = Signal.like(self.act.payload)
         s0_wgt = Signal.like(self.weight.payload)
         s0_first = Signal()  # first beat of a K-block
         s0_block_last = Signal()
         kpos = Signal(range(B))  # position inside the K-block (B is a power of two: wraps)
-        m.d.sync += s0_valid.eq(take)
+        m.d.sync += [s0_valid.eq(take), s0_first.eq(take & (kpos == 0)),
+                     s0_block_last.eq(take & (kpos == B - 1))]
         with m.If(take):
             m.d.sync += [s0_act.eq(self.act.payload), s0_wgt.eq(self.weight.payload),
-                         s0_first.eq(kpos == 0), s0_block_last.eq(kpos == B - 1),
                          kpos.eq(kpos + 1)]
+        with m.Else():
+            m.d.sync += [s0_act.x[r].eq(0) for r in range(R)]
 
         # Stage 1: one product per PE, two register stages (operands, product): one DSP block
         # with its input and output registers. A synthesis platform may provide
         # ``registered_multiplier(m, a, b, out, en)`` (called with ``en = 1``) that
-        # instantiates the device's DSP primitive with exactly these two registers (bct.synth does for ECP5, whose Yosys
-        # flow does not pack registers into MULT18X18D); otherwise it is inferred.
+        # instantiates the device's DSP primitive with exactly these two registers (bct.synth
+        # does for ECP5, whose Yosys flow does not pack registers into MULT18X18D); otherwise
+        # it is inferred.
         mul = [[Signal(signed(cfg.act_format.bits + operand_bits), name=f"mul_{r}_{c}")
                 for c in range(C)] for r in range(R)]
         hook = getattr(platform, "registered_multiplier", None)
         sm_valid, sm_first, sm_block_last, sm_last = Signal(), Signal(), Signal(), Signal()
         sm_ashift = Signal.like(s0_act.shift)
         sm_wshift = Signal.like(s0_wgt.shift)
-        m.d.sync += sm_valid.eq(s0_valid)
+        m.d.sync += [sm_valid.eq(s0_valid), sm_first.eq(s0_first),
+                     sm_block_last.eq(s0_block_last)]
         with m.If(s0_valid):
-            m.d.sync += [sm_first.eq(s0_first), sm_block_last.eq(s0_block_last),
-                         sm_last.eq(s0_act.last), sm_ashift.eq(s0_act.shift),
+            m.d.sync += [sm_last.eq(s0_act.last), sm_ashift.eq(s0_act.shift),
                          sm_wshift.eq(s0_wgt.shift)]
         for r in range(R):
             for c in range(C):
@@ -255,14 +260,12 @@ class MatmulArray(wiring.Component):
                 xa = Signal.like(s0_act.x[r], name=f"xa_{r}_{c}")
                 wb = Signal.like(s0_wgt.w[c], name=f"wb_{r}_{c}")
                 m.d.sync += [xa.eq(s0_act.x[r]), wb.eq(s0_wgt.w[c]), mul[r][c].eq(xa * wb)]
-        s1_valid, s1_first, s1_block_last, s1_last = Signal(), Signal(), Signal(), Signal()
+        s1_first, s1_block_last, s1_last = Signal(), Signal(), Signal()
         s1_ashift = Signal.like(s0_act.shift)
         s1_wshift = Signal.like(s0_wgt.shift)
-        m.d.sync += s1_valid.eq(sm_valid)
+        m.d.sync += [s1_first.eq(sm_first), s1_block_last.eq(sm_block_last)]
         with m.If(sm_valid):
-            m.d.sync += [s1_first.eq(sm_first), s1_block_last.eq(sm_block_last),
-                         s1_last.eq(sm_last), s1_ashift.eq(sm_ashift),
-                         s1_wshift.eq(sm_wshift)]
+            m.d.sync += [s1_last.eq(sm_last), s1_ashift.eq(sm_ashift), s1_wshift.eq(sm_wshift)]
 
         # Stage 2: accumulate the block product P; at the block's end, each PE's total shift.
         W = cfg.block_product_bits + G + 1  # width of (P << G+1) - (P < 0)
@@ -271,22 +274,22 @@ class MatmulArray(wiring.Component):
         ushift = [[Signal(range(2 * self.shift_max + 1), name=f"u_{r}_{c}") for c in range(C)]
                   for r in range(R)]
         s2_done, s2_last = Signal(), Signal()  # prod holds a finished K-block
-        m.d.sync += s2_done.eq(s1_valid & s1_block_last)
-        with m.If(s1_valid):
+        m.d.sync += s2_done.eq(s1_block_last)
+        for r in range(R):
+            for c in range(C):
+                m.d.sync += prod[r][c].eq(Mux(s1_first, 0, prod[r][c]) + mul[r][c])
+        with m.If(s1_block_last):
+            m.d.sync += s2_last.eq(s1_last)
             for r in range(R):
                 for c in range(C):
-                    m.d.sync += prod[r][c].eq(Mux(s1_first, 0, prod[r][c]) + mul[r][c])
-            with m.If(s1_block_last):
-                m.d.sync += s2_last.eq(s1_last)
-                for r in range(R):
-                    for c in range(C):
-                        m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
+                    m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
 
         # Stages 3a, 3b, 3 and 4: round_shift(P << G, u) = (((P << G+1) - (P < 0)) >>> u) + 1)
         # >>> 1 (round_shift_hw): the operand, the arithmetic shift by u & ~7, by u & 7, the
         # rounding. (u is read in place: it changes only at the next block's end, B >= 8 beats
         # later.) One stage each, so that no path holds more than a carry chain or a 3-level
-        # multiplexer.
+        # multiplexer. The data registers have no enable (each copies its predecessor every
+        # cycle; only the done flags, a parallel delay line, say when they hold a block).
         def regs(prefix):
             return [[Signal(signed(W), name=f"{prefix}_{r}_{c}") for c in range(C)]
                     for r in range(R)]
@@ -296,24 +299,17 @@ class MatmulArray(wiring.Component):
         m.d.sync += [sa_done.eq(s2_done), sb_done.eq(sa_done), s3_done.eq(sb_done)]
         with m.If(s2_done):
             m.d.sync += sa_last.eq(s2_last)
-            for r in range(R):
-                for c in range(C):
-                    p = prod[r][c]
-                    m.d.sync += opnd[r][c].eq((p << (G + 1)) - (p < 0))
         with m.If(sa_done):
             m.d.sync += sb_last.eq(sa_last)
-            for r in range(R):
-                for c in range(C):
-                    m.d.sync += coarse[r][c].eq(opnd[r][c] >> (ushift[r][c] >> 3 << 3))
         with m.If(sb_done):
             m.d.sync += s3_last.eq(sb_last)
-            for r in range(R):
-                for c in range(C):
-                    m.d.sync += fined[r][c].eq(coarse[r][c] >> ushift[r][c][:3])
-        with m.If(s3_done):
-            for r in range(R):
-                for c in range(C):
-                    m.d.sync += term[r][c].eq((fined[r][c] + 1) >> 1)
+        for r in range(R):
+            for c in range(C):
+                p, u = prod[r][c], ushift[r][c]
+                m.d.sync += [opnd[r][c].eq((p << (G + 1)) - (p < 0)),
+                             coarse[r][c].eq(opnd[r][c] >> (u >> 3 << 3)),
+                             fined[r][c].eq(coarse[r][c] >> u[:3]),
+                             term[r][c].eq((fined[r][c] + 1) >> 1)]
 
         # Stage 5: accumulate; a finished tile is copied into the drain registers.
         acc = [[Signal(signed(cfg.acc_bits), name=f"acc_{r}_{c}") for c in range(C)]
