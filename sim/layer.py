@@ -210,38 +210,32 @@ def _blocks_per_row(prog: Program, name: str) -> int:
     return region.blocks
 
 
-def rom_source(component, base_dir) -> Path:
-    """The accelerator's image ROMs (:meth:`~bct.hw.layer.LayerAccelerator.rom_verilog`) in a
-    content-addressed file."""
-    text = component.rom_verilog()
+def _content_file(base_dir, stem: str, suffix: str, text: str) -> Path:
+    """``text`` in ``base_dir/<stem>-<digest><suffix>`` (content-addressed, written once,
+    atomically)."""
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    path = Path(base_dir) / f"bct_image_roms-{digest}.v"
+    path = Path(base_dir) / f"{stem}-{digest}{suffix}"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(path)
     return path
+
+
+def rom_source(component, base_dir) -> Path:
+    """The accelerator's image ROMs (:meth:`~bct.hw.layer.LayerAccelerator.rom_verilog`) in a
+    content-addressed file."""
+    return _content_file(base_dir, "bct_image_roms", ".v", component.rom_verilog())
 
 
 def _port_config(component, base_dir) -> Path:
     """A Verilator control file making only the top-level ports visible to cocotb (VPI)."""
-    from bct.sim.runner import output_ports
-    from amaranth.lib.wiring import Flow
-
     names = ["clk", "rst"] + ["__".join(map(str, path))
                               for path, _, _ in component.signature.flatten(component)]
-    _ = (output_ports, Flow)
     text = "`verilator_config\n" + "".join(
         f'public_flat_rw -module "bct_layer" -var "{n}"\n' for n in names)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    path = Path(base_dir) / f"bct_layer_ports-{digest}.vlt"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    return path
+    return _content_file(base_dir, "bct_layer_ports", ".vlt", text)
 
 
 @contextmanager
