@@ -17,7 +17,7 @@
   :class:`~bct.hw.softmax.SoftmaxUnit`, the :class:`~bct.hw.gelu.GeluUnit`, the
   :class:`~bct.hw.layernorm.LayerNormUnit` (identity gamma / beta, the affine with gamma / beta
   read from ``vmem`` is a thin wrapper here), a residual adder, the pool engine (the
-  sentence embedding, ``bct.model.integer._mean_pool`` of the last layer's output: exponent
+  sentence embedding, ``bct.model.integer.mean_pool`` of the last layer's output: exponent
   scan, aligned sum per block, ``B`` restoring dividers by the token count) and one shared
   :class:`~bct.hw.blockify.Blockifier` in front of the write port;
 * the controller: it fetches ops from a program ROM (:func:`bct.hw.program.build_program`) and
@@ -818,7 +818,7 @@ class LayerAccelerator(wiring.Component):
     # ------------------------------------------------------------------------------------
     def _pool(self, m, op, start, active, ra, wa, bk_valid, bk_value, bk_scale, bk_addr,
               bk_ready, seq_len):
-        """The sentence embedding (``bct.model.integer._mean_pool``): the masked mean over the
+        """The sentence embedding (``bct.model.integer.mean_pool``): the masked mean over the
         ``seq_len`` valid tokens of ``op.nbk`` blocks per row, one output row.
 
         Four phases: scan the largest exponent of the valid rows (port A, one word a cycle);
@@ -872,7 +872,7 @@ class LayerAccelerator(wiring.Component):
             m.d.sync += emax.eq(Mux(rfirst, wa.exp, _max(emax, wa.exp)))
             with m.If(rlast):
                 m.d.sync += [phase.eq(2), t.eq(0), j.eq(0)]
-        # ---- aligned sum over the tokens of block j (scale = emax - G, as _mean_pool)
+        # ---- aligned sum over the tokens of block j (scale = emax - G, as mean_pool)
         rscale = _sig(m, emax - G, signed(EB), "pl_scale")
         code = shift_code(m, _sig(m, rscale - wa.exp, signed(EB + 1), "pl_shift"), G, af.bits + 1)
         with m.If(active & (phase == 2) & rv):

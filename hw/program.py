@@ -268,7 +268,7 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
               v_base=R[p + "out_ln_g"].base, v2_base=R[p + "out_ln_b"].base)
         x = out
     # the sentence model's head: masked mean of the last hidden state over the valid tokens
-    # (seq_len), re-encoded to the activation format (bct.model.integer._mean_pool)
+    # (seq_len), re-encoded to the activation format (bct.model.integer.mean_pool)
     op("pool", a_base=x.base, a_stride=nbH, rows=1, nbk=nbH, out_base=R["embedding"].base,
        out_stride=nbH, note="embedding")
     op("end", note="end")

@@ -33,7 +33,7 @@ from bct.model.fixed import round_div, round_shift
 from bct.model.matmul import add, linear, matmul
 from bct.model.nonlinear import gelu, layernorm, softmax, tanh_fixed
 
-__all__ = ["QuantLayer", "QuantBert", "IntegerOutput", "quantize", "forward", "trace"]
+__all__ = ["QuantLayer", "QuantBert", "IntegerOutput", "quantize", "forward", "trace", "mean_pool"]
 
 _MATRICES = ("q_w", "k_w", "v_w", "o_w", "ffn1_w", "ffn2_w")
 
@@ -287,7 +287,7 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
         res = keep(p + "ffn_res", residual(f2, h))
         x = keep(p + "out", norm(res, lw.out_ln_g, lw.out_ln_b))
     keep("hidden", x)
-    emb = keep("embedding", _mean_pool(x, mask, cfg))
+    emb = keep("embedding", mean_pool(x, mask, cfg))
     logits = None
     if qm.pooler_w is not None:
         cls = x[:, 0]  # (B, H)
@@ -324,7 +324,7 @@ def _merge_heads(t: BlockTensor) -> BlockTensor:
     return BlockTensor(mant, exp, t.fmt)
 
 
-def _mean_pool(x: BlockTensor, mask: np.ndarray, cfg: Config) -> BlockTensor:
+def mean_pool(x: BlockTensor, mask: np.ndarray, cfg: Config) -> BlockTensor:
     """Masked mean over tokens, integer-only: align every token's blocks to the largest exponent
     of the sequence minus the guard bits, sum, divide by the token count (RHAZ), re-encode."""
     nb, T, H = x.shape

@@ -7,7 +7,7 @@ simulated, builds the RTL and runs ``tests/cocotb/tb_layer.py``-style testbenche
 the layer input, run the program and compare every stage written on chip with the trace,
 exactly (``==``), reporting the first mismatch of each stage with its index, both values and
 the cycle at which the word was written. The accelerator's last op, ``pool``, is compared
-too: ``embedding`` is the model's own ``_mean_pool`` of the last on-chip layer's ``out``
+too: ``embedding`` is the model's own ``mean_pool`` of the last on-chip layer's ``out``
 (:func:`pooled`; with every layer on chip it is checked to equal the trace's ``embedding``).
 
 :func:`stage_words` / :func:`compare_words` are shared by the host and the testbench.
@@ -62,7 +62,7 @@ def expected_stages(prog: Program, stages: dict, layers: list[int], seq_len: int
     """``{name: {"base", "words"}}`` of every stage the accelerator keeps for ``layers``
     (the scratch regions hold the last layer's stages; each layer's ``out`` is kept), plus
     the re-blocked V (``layer{i}.vt``, not a model stage: ``reblock_transposed`` of V) and
-    ``embedding``: the model's own ``_mean_pool`` of the last on-chip layer's ``out`` over
+    ``embedding``: the model's own ``mean_pool`` of the last on-chip layer's ``out`` over
     the first ``seq_len`` tokens (the sentence embedding when every layer runs on chip)."""
     A = prog.shape.heads
     last = max(layers)
@@ -84,13 +84,13 @@ def expected_stages(prog: Program, stages: dict, layers: list[int], seq_len: int
 
 
 def pooled(prog: Program, stages: dict, layer: int, seq_len: int) -> BlockTensor:
-    """``bct.model.integer._mean_pool`` of ``layer{layer}.out`` over the first ``seq_len``
+    """``bct.model.integer.mean_pool`` of ``layer{layer}.out`` over the first ``seq_len``
     tokens: what the accelerator's ``pool`` op writes to the ``embedding`` region."""
-    from bct.model.integer import _mean_pool
+    from bct.model.integer import mean_pool
 
     x = stages[f"layer{layer}.out"]
     mask = (np.arange(x.shape[1]) < seq_len)[None]
-    return _mean_pool(x, mask, prog.cfg)
+    return mean_pool(x, mask, prog.cfg)
 
 
 def compare_words(name: str, expected: list[int], got: list[int], cycles: list[int] | None,
@@ -181,7 +181,7 @@ def prepare(qm, enc, *, layers: int = 1, work_dir, image_root=None, images=None,
     if layers == qm.layers and "embedding" in stages:  # the on-chip pool is the model's head
         e, want = pooled(prog, stages, layers - 1, seq_len), stages["embedding"]
         if not (np.array_equal(e.mant, want.mant) and np.array_equal(e.exp, want.exp)):
-            raise ValueError("the trace's embedding is not _mean_pool of its last layer's out "
+            raise ValueError("the trace's embedding is not mean_pool of its last layer's out "
                              "over the first seq_len tokens")
     af = cfg.act_format
     data = {

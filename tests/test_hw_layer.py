@@ -5,7 +5,7 @@
 * one full encoder layer of all-MiniLM-L6-v2 on a real sentence (18 tokens, padded to one block
   of 32) on Verilator, every stage compared exactly with `bct.model.integer.trace` and the MAC
   utilisation over the layer checked (>= 80 %), and the on-chip mean pooling (``pool`` op) of
-  its output == the model's ``_mean_pool``; the pool engine alone on the Amaranth simulator;
+  its output == the model's ``mean_pool``; the pool engine alone on the Amaranth simulator;
 * BCT_SLOW=1: all six layers in one program (the on-chip pool is then the model's sentence
   embedding), layer 0 at the ~7.9x config (4-bit weights in blocks of 128: four K-blocks per
   weight word), and a tampered model trace that must be reported with the first mismatch.
@@ -247,7 +247,7 @@ def test_prepare_checks_mask_and_embedding(tiny, tmp_path):
     assert data["blocks_per_row"]["embedding"] == emb.blocks == 2
     t = st["embedding"]
     st["embedding"] = BlockTensor(t.mant, t.exp + 1, t.fmt)
-    with pytest.raises(ValueError, match="the trace's embedding is not _mean_pool"):
+    with pytest.raises(ValueError, match="the trace's embedding is not mean_pool"):
         sim_layer.prepare(qm, enc, work_dir=tmp_path / "w", image_root=tmp_path / "img", trace=st)
     holed = np.ones_like(ids)
     holed[0, 5] = 0
@@ -279,7 +279,7 @@ def test_simulation_refuses_bad_images(tiny, tmp_path, monkeypatch):
 def _run_pool(seq_len, seed, H=64, T=32):
     """Run the ``pool`` op of a one-layer program on random blocks (varied exponents, one
     all-zero block) held in ``out0``; returns the blocks written, their addresses, the
-    cycles from the op's start to the last block, and the model's ``_mean_pool``."""
+    cycles from the op's start to the last block, and the model's ``mean_pool``."""
     from amaranth import Module, Signal, signed, unsigned
     from amaranth.lib import data
     from amaranth.lib.memory import Memory
@@ -289,7 +289,7 @@ def _run_pool(seq_len, seed, H=64, T=32):
     from bct.hw.layer import LayerAccelerator, _exp_width
     from bct.hw.program import pack_word
     from bct.model.blocks import encode
-    from bct.model.integer import _mean_pool
+    from bct.model.integer import mean_pool
     from bct.sim.bits import unpack_block
 
     cfg = Config()
@@ -301,7 +301,7 @@ def _run_pool(seq_len, seed, H=64, T=32):
     x = rng.standard_normal((1, T, H)) * 2.0 ** rng.integers(-5, 5, (1, T, H // B)).repeat(B, -1)
     x[0, 3, :B] = 0
     xt = encode(x, af)
-    want = _mean_pool(xt, (np.arange(T) < seq_len)[None], cfg)
+    want = mean_pool(xt, (np.arange(T) < seq_len)[None], cfg)
     src, words = prog.regions["out0"], [0] * prog.depth["amem"]
     for t in range(T):
         for j in range(H // B):
@@ -354,7 +354,7 @@ def _run_pool(seq_len, seed, H=64, T=32):
 @pytest.mark.parametrize("seq_len, seed", [(20, 0), (32, 1), (1, 2), (0, 3)])
 def test_pool_engine_matches_mean_pool(seq_len, seed):
     """The pool op (exponent scan, aligned sum, B dividers with RHAZ, blockifier) writes
-    exactly `_mean_pool` of the valid tokens (none valid: zeros) to the embedding region."""
+    exactly `mean_pool` of the valid tokens (none valid: zeros) to the embedding region."""
     out, addrs, cycles, want, prog = _run_pool(seq_len, seed)
     base = prog.regions["embedding"].base
     assert addrs == [base, base + 1]
