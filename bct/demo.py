@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["register", "run_demo", "DEMO_SENTENCE"]
@@ -115,6 +116,24 @@ def run_demo(cfg, *, sentence: str = DEMO_SENTENCE, layers: int = 1, synth_repor
     }
 
 
+@contextmanager
+def _stdout_to_stderr(active: bool):
+    """With ``--json``, the simulator's and the build tools' logs (written by child processes
+    to file descriptor 1) go to stderr, so stdout holds the JSON alone."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _cmd_demo(args) -> int:
     from bct.cli import config_from_args
     from bct.model.images import ImageError
@@ -122,8 +141,9 @@ def _cmd_demo(args) -> int:
 
     cfg = config_from_args(args)
     try:
-        s = run_demo(cfg, sentence=args.sentence, layers=args.layers,
-                     synth_report=args.synth_report, seed=args.seed, images=args.images)
+        with _stdout_to_stderr(args.json):
+            s = run_demo(cfg, sentence=args.sentence, layers=args.layers,
+                         synth_report=args.synth_report, seed=args.seed, images=args.images)
     except SimulationFailure as e:
         print(f"bct demo: the co-simulation FAILED:\n{e}")
         return 1
