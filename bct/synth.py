@@ -471,9 +471,9 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
 
     t = _target(target)
     start = time.monotonic()
+    top = serial_wrapper(_make_unit(unit, cfg, seq_len, hidden))  # a bad name: nothing written
     work = Path(out_dir) / t.name / unit
     work.mkdir(parents=True, exist_ok=True)
-    top = serial_wrapper(_make_unit(unit, cfg, seq_len, hidden))
     text = (f"// bct-gen config {cfg.hash} unit {unit} target {t.name}\n"
             + verilog.convert(top, name="top", emit_src=False, platform=_platform(t)))
     (work / "top.v").write_text(text)

@@ -46,11 +46,12 @@ def test_constraints_follow_the_config():
     assert "create_clock -name clk -period 6.667 [get_ports clk]" in xc7["xc7.sdc"]
 
 
-def test_unknown_target_and_unit():
+def test_unknown_target_and_unit(tmp_path):
     with pytest.raises(ConfigError, match="unknown target 'ecp6'; choose from ice40-up5k, "):
         constraints(Config(), "ecp6")
     with pytest.raises(ConfigError, match="unknown unit 'fft'; choose from matmul, blockify, "):
-        run_unit(Config(), "ecp5-85k", "fft", "unused")
+        run_unit(Config(), "ecp5-85k", "fft", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_count_cells_by_name():
