@@ -12,9 +12,10 @@ exponent, so the shift ``s = scale[m] - ex[m,j] - ew[n,j] = dx[m,j] + dw[n,j]`` 
 ``round_shift(P, s)``; the accumulator therefore never exceeds ``Config.acc_bound`` and has
 ``Config.acc_bits`` bits (proof in docs/arithmetic.md).
 
-The fast path is one float64 GEMM of the operands pre-scaled by (clamped) powers of two, plus
-exact corrections for the few block terms that need rounding; every value it forms is a
-multiple of ``2**-F`` below ``2**(53 - F)``, hence exact (see ``_gemm_with_corrections``).
+The fast path is one batched GEMM over the K-blocks of the operands pre-scaled by (clamped)
+powers of two, giving every block term ``P * 2**-s`` exactly (float32 when the block products
+fit its significand, else float64), then the rounding and the sum over blocks, all exact (see
+``_blocked_gemm``).
 :func:`matmul_pyint` is the same definition in plain Python ints, the oracle of the tests.
 """
 
@@ -24,17 +25,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bct.config import EXACT_FLOAT_BITS, MAX_ADD_TERMS, Config, ConfigError
+from bct.config import MAX_ADD_TERMS, Config, ConfigError
 from bct.model.blocks import BlockTensor, requantize
-from bct.model.fixed import round_half_away_float, round_shift, round_shift_int
+from bct.model.fixed import round_shift, round_shift_int
 
 __all__ = [
     "Fixed", "matmul", "matmul_pyint", "linear", "add", "row_scale", "act_blocks", "check_operands",
 ]
-
-# A shift this large rounds any block product (|P| < 2**37) to 0, so larger ones are clamped.
-_SHIFT_CLAMP = 64
-
 
 class Fixed(NamedTuple):
     """Fixed-point integers with a power-of-two scale per row: ``value * 2**scale[..., None]``."""
@@ -100,98 +97,95 @@ def matmul(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
     """
     check_operands(x, w, bias, cfg)
     scale = row_scale(x, w, bias, cfg)
-    acc = _gemm_with_corrections(x, w, scale, _exact_frac_bits(cfg, x.shape[-1]))
+    acc = _blocked_gemm(x, w, scale, cfg.acc_guard_bits)
     if bias is not None:
         shift = scale[..., None, None] - bias.exp[:, None]  # (..., M, nbN, 1)
         acc += round_shift(bias.blocks, shift).reshape(acc.shape)
     return Fixed(acc, scale)
 
 
-def _exact_frac_bits(cfg: Config, K: int) -> int:
-    """Fraction bits a float64 sum of the aligned block terms can carry exactly.
+#: Elements of one chunk's block products (float32: 8 MB); chunks keep the temporaries in cache.
+_CHUNK = 1 << 21
 
-    Every term is ``P * 2**-s'`` with ``s' >= -G`` and ``sum |P| <= K * qa * qop``, so any partial
-    sum (with the bounded corrections added) is below ``2 * acc_bound + K``; a float64 holds
-    every multiple of ``2**-F`` below ``2**(53 - F)`` exactly. ``F >= 0`` is all the method
-    needs (fewer bits only mean more corrections); the valid configs of a grid over operand
-    widths, guard bits and ``max_reduction`` all leave ``F >= 11`` (LayerNorm's width check
-    binds first), and a negative ``F`` is refused rather than computed inexactly.
+
+def _block_float(x: BlockTensor, w: BlockTensor) -> tuple[type, int]:
+    """The float type of the block products and its significand bits ``p``.
+
+    A block product ``|P| <= B * qx * qw`` must stay below ``2**(p - 2)`` (see
+    :func:`_blocked_gemm`): float32 (``p = 24``) covers the 8-bit formats at every block size up
+    to 128; wider operands take float64 (``p = 53``), which every valid config fits.
     """
-    qa = cfg.act_format.qmax
-    bound = ((K * qa * cfg.operand_qmax) << cfg.acc_guard_bits) * 2 + K
-    frac = EXACT_FLOAT_BITS - 1 - bound.bit_length()
-    if frac < 0:
-        raise ConfigError(f"a reduction of {K} leaves no exact float64 fraction bits for the matmul")
-    return frac
+    bound = x.fmt.block * x.fmt.qmax * w.fmt.qmax
+    if bound < 1 << 22:
+        return np.float32, 24
+    if bound < 1 << 51:
+        return np.float64, 53
+    raise ConfigError(f"block products up to {bound} exceed the exact float64 range")
 
 
-def _gemm_with_corrections(x: BlockTensor, w: BlockTensor, scale: np.ndarray, frac: int) -> np.ndarray:
-    """Blockwise matmul as ONE float64 GEMM plus sparse exact corrections.
+def _blocked_gemm(x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int) -> np.ndarray:
+    """The accumulator ``sum_j round(P[m,n,j] * 2**-s)`` via batched GEMMs of the K-blocks.
 
-    The term of block ``j`` is ``round(P * 2**-s)`` with ``s = sx[m,j] + sw[n,j]`` (separable).
-    The GEMM computes ``sum_j P * 2**-s'`` with the shifts clamped, ``s' = min(sx, a) +
-    min(sw, b)`` (``a + b = frac``): exact, because every term is a multiple of ``2**-frac`` and
-    every partial sum is in range. That equals the definition except where the term needs
-    rounding (``s > 0``) or a clamp was active; those (row, column, block) triples are
-    recomputed per block and corrected by ``round(P * 2**-s) - P * 2**-s'``, also exact: one
-    small GEMM per group of columns sharing a weight shift when such triples are few, or the
-    block's whole row set at once when they are many (GELU outputs against FFN2's weights
-    need rounding in most triples).
+    Each operand block is pre-scaled by its (clamped) power of two, ``x * 2**-sx'`` and
+    ``w * 2**-sw'`` with ``sx' = min(sx, p)`` and ``sw' = min(sw, p + G)``, so one GEMM per
+    K-block ``j`` (inner length B) gives ``t = P * 2**-s'`` (``s' = sx' + sw'``) for every
+    (row, column). Exactness, in a float of ``p`` significand bits with ``|P| < 2**(p-2)``
+    (:func:`_block_float`), for any summation order and with or without FMA:
+
+    * every product ``x_i w_i * 2**-s'`` and every partial sum of the block is a multiple of
+      ``2**-s'`` below ``2**(p-2-s')`` in magnitude: representable, so ``t`` is exact (and no
+      value is subnormal: ``-G <= s' <= 2p + G``);
+    * the clamps change nothing: where one is active ``s, s' >= p``, so ``|t| < 1/2`` and both
+      round to 0;
+    * ``round(t) = trunc(fl(t + copysign(1/2, t)))`` (round half away from zero): for
+      ``1 <= s' <= p - 1``, ``|t| + 1/2`` is a multiple of ``2**-s'`` below ``2**(p-1-s')``
+      (representable); for ``s' >= p`` it is below ``3/4`` (so it cannot round up to 1, and
+      ``|t| < 1/4`` rounds to 0 either way); for ``s' <= 0``, ``t`` is an
+      integer and ``|t| + 1/2`` is representable below ``2**(p-1)``, while above it ``t`` is a
+      multiple of 4 (``|P| < 2**(p-2)``) whose ulp is at least 1, so the sum rounds back to
+      ``|t|`` (ties to even);
+    * the rounded terms are integers; their float64 sum over the K-blocks stays below
+      ``Config.acc_bound < 2**52`` (the config refuses wider accumulators), exact in any order.
+
+    Rows (or batch elements) are processed in chunks of about ``_CHUNK`` block products so the
+    temporaries stay in cache.
     """
     B = x.fmt.block
     wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
+    dt, p = _block_float(x, w)
     ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
-    sx = np.minimum(scale[..., None] - x.exp - ew_max, _SHIFT_CLAMP)  # (..., M, nb), >= -G
-    sw = np.minimum(ew_max - we, _SHIFT_CLAMP)  # (..., N, nb), >= 0
-    b = frac // 2
-    a = frac - b
-    xb = x.blocks.astype(np.float64)  # (..., M, nb, B)
-    wb = wm.astype(np.float64)
-    xs = np.ldexp(xb, -np.minimum(sx, a)[..., None]).reshape(x.shape)
-    ws = np.ldexp(wb, -np.minimum(sw, b)[..., None]).reshape(w.shape[:-2] + (w.shape[-2], -1))
-    y = np.matmul(xs, np.swapaxes(ws, -1, -2))  # (..., M, N), exact
-    x_nz = (x.blocks != 0).any(axis=-1)  # (..., M, nb): an all-zero block contributes 0
-    w_nz = (wm != 0).any(axis=-1)
-    fx, fw = np.ldexp(1.0, -sx), np.ldexp(1.0, -sw)  # exact powers of two
-    cx, cw = np.ldexp(1.0, -np.minimum(sx, a)), np.ldexp(1.0, -np.minimum(sw, b))
-    for idx in np.ndindex(*x.shape[:-2]):
-        yi = y[idx]
-        for j in range(sx.shape[-1]):
-            at = idx + (slice(None), j)
-            sxj, swj, xnz, wnz = sx[at], sw[at], x_nz[at], w_nz[at]
-            groups = []  # (rows, cols) of the triples to correct, one per weight shift value
-            for v in np.unique(swj[wnz]):
-                rows = np.flatnonzero(xnz & ((sxj + v > 0) | (sxj > a) | (v > b)))
-                if rows.size:
-                    groups.append((rows, np.flatnonzero(wnz & (swj == v))))
-            if not groups:
-                continue
-            rows = np.unique(np.concatenate([r for r, _ in groups]))
-            if 4 * sum(r.size * c.size for r, c in groups) < rows.size * yi.shape[-1]:
-                for rows, cols in groups:  # few triples: correct them where they are
-                    p = xb[idx + (rows, j)] @ wb[idx + (cols, j)].T
-                    yi[np.ix_(rows, cols)] += _correction(
-                        p, fx[at][rows], fw[at][cols], cx[at][rows], cw[at][cols])
-            else:  # many: correct the whole row set (the correction is 0 where not needed)
-                if rows.size == yi.shape[0]:
-                    rows = slice(None)
-                p = xb[idx + (rows, j)] @ wb[idx + (slice(None), j)].T
-                yi[rows] += _correction(p, fx[at][rows], fw[at], cx[at][rows], cw[at])
-    return y.astype(np.int64)
+    sx = np.minimum(scale[..., None] - x.exp - ew_max, p)  # (..., M, nb), >= -G
+    sw = np.minimum(ew_max - we, p + G)  # (..., N, nb), >= 0
+    lead = x.shape[:-2]
+    M, N, nb = x.shape[-2], w.shape[-2], sx.shape[-1]
+    L = int(np.prod(lead, dtype=np.int64))
+    # (L, nb, M, B) and (L, nb, B, N), contiguous, scaled exactly by powers of two
+    xs = np.ldexp(x.blocks.astype(dt), -sx[..., None]).reshape(L, M, nb, B)
+    xs = np.ascontiguousarray(xs.transpose(0, 2, 1, 3))
+    ws = np.ldexp(wm.astype(dt), -sw[..., None]).reshape(L, N, nb, B)
+    ws = np.ascontiguousarray(ws.transpose(0, 2, 3, 1))
+    out = np.empty((L, M, N), dtype=np.float64)
+    half = dt(0.5)
+    per_row = max(nb * N, 1)
 
+    def reduce(t, dst, axis):  # dst = sum over the block axis of round(t)
+        h = np.copysign(half, t)
+        t += h
+        np.trunc(t, out=t)
+        t.sum(axis=axis, dtype=np.float64, out=dst)
 
-def _correction(p, fx, fw, cx, cw) -> np.ndarray:
-    """``round(p * fx fw) - p * cx cw`` for block products ``p`` (rows x cols), exactly.
-
-    ``fx fw = 2**-s`` and ``cx cw = 2**-s'`` are powers of two, so both products are exact;
-    the rounding is the project's one rule (:func:`~bct.model.fixed.round_half_away_float`,
-    the identity on integers), so the result is 0 where ``s' == s <= 0``. ``p`` is overwritten.
-    """
-    t = np.multiply(p, np.multiply.outer(fx, fw), out=p)
-    r = round_half_away_float(t)
-    t *= np.multiply.outer(cx / fx, cw / fw)  # now p * 2**-s' (ratios are powers of two)
-    r -= t
-    return r
+    if M * per_row <= _CHUNK:  # small matrices (attention heads): chunks of batch elements
+        step = max(1, _CHUNK // (M * per_row))
+        for l0 in range(0, L, step):
+            sl = slice(l0, l0 + step)
+            reduce(np.matmul(xs[sl], ws[sl]), out[sl], 1)
+    else:
+        step = max(1, _CHUNK // per_row)
+        for l in range(L):
+            for m0 in range(0, M, step):
+                sl = slice(m0, m0 + step)
+                reduce(np.matmul(xs[l, :, sl], ws[l]), out[l, sl], 0)
+    return out.reshape(lead + (M, N)).astype(np.int64)
 
 
 def matmul_pyint(

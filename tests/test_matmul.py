@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode
-from bct.model.matmul import Fixed, _exact_frac_bits, add, linear, matmul, matmul_pyint
+from bct.model.matmul import Fixed, _block_float, add, linear, matmul, matmul_pyint
 
 CONFIGS = [
     Config(),
@@ -61,9 +61,9 @@ def test_bit_exact_random_shapes(seed, M, nb, spread):
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.floats(4, 12), st.floats(0, 4))
-def test_wide_exponent_spread_takes_the_correction_path_exactly(seed, spread, wspread):
-    """Activation and weight exponents spread far beyond G: many terms need rounding and the
-    GEMM's shift clamps are active, so most of the result comes from the correction path."""
+def test_wide_exponent_spread_exact(seed, spread, wspread):
+    """Activation and weight exponents spread far beyond G: most block terms need rounding and
+    the block GEMMs' shift clamps are active."""
     cfg = Config()
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((6, 96)) * np.exp(spread * rng.standard_normal((6, 96)))
@@ -73,14 +73,37 @@ def test_wide_exponent_spread_takes_the_correction_path_exactly(seed, spread, ws
     assert_same(matmul(x, w, cfg), matmul_pyint(x, w, cfg))
 
 
-def test_fewest_exact_fraction_bits_still_exact():
-    """12-bit activations, K = 1024: the config leaving the fewest exact fraction bits (11),
-    so the GEMM's shift clamps bite earliest."""
+def test_wide_operands_take_the_float64_path_exactly():
+    """12-bit activations, K = 1024: block products up to 32 * 2047 * 127 exceed float32's exact
+    range (2**22), so the block GEMMs run in float64."""
     cfg = Config(act_bits=12, acc_guard_bits=8, max_reduction=1024)
-    assert _exact_frac_bits(cfg, 1024) == 11
     rng = np.random.default_rng(3)
     x, w, b = _operands(cfg, 3, 1024, 64, rng, spread=4.0)
+    assert _block_float(x, w)[0] is np.float64
     assert_same(matmul(x, w, cfg, b), matmul_pyint(x, w, cfg, b))
+
+
+@pytest.mark.parametrize("B", [32, 128])
+def test_float32_path_ties_and_clamps_exact(B):
+    """8-bit operands at blocks of 32 and 128 (block products up to 2.06e6 < 2**22: float32).
+    Products at +-qmax, exponents spread over the whole format so every shift from -G to past
+    the clamps occurs, and odd small products whose scaled values are exact halves (ties)."""
+    cfg = Config(block_size=B, max_reduction=4096)
+    rng = np.random.default_rng(B)
+    fa, fw = cfg.act_format, cfg.weight_format
+    K, M, N = 4 * B, 24, 2 * B
+    xm = rng.choice([-fa.qmax, -1, 0, 1, 3, fa.qmax], size=(M, K))
+    wm = rng.choice([-fw.qmax, -1, 1, fw.qmax], size=(N, K))
+    xm[0] = fa.qmax
+    wm[0] = fw.qmax
+    xe = rng.integers(fa.e_min, fa.e_max + 1, size=(M, K // B))
+    we = rng.integers(fw.e_min, fw.e_max + 1, size=(N, K // B))
+    xe[1] = rng.integers(-3, 3, size=K // B)  # a row with shifts around 0 (ties of odd products)
+    we[1] = we.max()
+    x = BlockTensor(xm.astype(np.int64), xe.astype(np.int64), fa)
+    w = BlockTensor(wm.astype(np.int64), we.astype(np.int64), fw)
+    assert _block_float(x, w)[0] is np.float32
+    assert_same(matmul(x, w, cfg), matmul_pyint(x, w, cfg))
 
 
 def test_full_problem_bit_exact():
