@@ -51,13 +51,33 @@ def round_shift(x, s):
             return np.left_shift(x, -s)
         if s > _MAX_SHIFT:
             return np.zeros_like(x)
-        return np.right_shift(x + ((1 << (s - 1)) - (x < 0)), s)
+        t = np.right_shift(x, 63)  # -1 where x < 0, else 0
+        t += x
+        t += 1 << (s - 1)
+        t >>= s
+        return t
     if s.size:
         lo, hi = int(s.min()), int(s.max())
-        if 0 < lo and hi <= _MAX_SHIFT:  # all right shifts (requantisation): skip the selects
-            return np.right_shift(x + (np.left_shift(np.int64(1), s - 1) - (x < 0)), s)
         if hi <= 0:
             return np.left_shift(x, -s)
+        if hi <= _MAX_SHIFT:
+            shape = np.broadcast_shapes(x.shape, s.shape)
+            if lo > 0:  # all right shifts (requantisation)
+                t = np.right_shift(np.broadcast_to(x, shape), 63)
+                t += x
+                t += np.left_shift(np.int64(1), s - 1)
+                t >>= s
+                return t
+            # mixed: left shift by max(-s, 0), then round right by max(s, 0); the rounding
+            # addend 2**(r-1) and the sign term apply only where r > 0 (masks on the small s)
+            r = np.maximum(s, 0)
+            y = np.left_shift(np.broadcast_to(x, shape), np.maximum(-s, 0))
+            t = np.right_shift(y, 63)
+            t &= -(r > 0).astype(np.int64)
+            t += y
+            t += np.where(r > 0, np.left_shift(np.int64(1), np.maximum(r - 1, 0)), 0)
+            t >>= r
+            return t
     sr = np.clip(s, 1, _MAX_SHIFT)
     right = np.right_shift(x + (np.left_shift(np.int64(1), sr - 1) - (x < 0)), sr)
     right = np.where(s > _MAX_SHIFT, 0, right)

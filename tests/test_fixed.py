@@ -1,7 +1,7 @@
 import math
 
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bct.model.fixed import (
@@ -74,3 +74,22 @@ def test_sqrt_round(d):
     assert r == (math.isqrt(4 * d) + 1) // 2
     # round(sqrt(d)) half away: (r - 1/2)**2 <= d < (r + 1/2)**2
     assert (2 * r - 1) ** 2 <= 4 * d < (2 * r + 1) ** 2 or d == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-(2**40), 2**40), min_size=1, max_size=12),
+       st.lists(st.integers(-20, 70), min_size=1, max_size=6), st.booleans())
+def test_round_shift_arrays_broadcast_every_path(xs, ss, wide_shift):
+    """Arrays of shifts (all right, all left, mixed signs, beyond 62) broadcast against the
+    values give element-wise exactly the Python-int rule."""
+    x = np.array(xs, dtype=np.int64)[:, None]
+    s = np.array(ss if wide_shift else [min(v, 40) for v in ss], dtype=np.int64)[None, :]
+    got = round_shift(x, s)
+    assert got.shape == (len(xs), len(ss))
+    for i, v in enumerate(xs):
+        for j, k in enumerate(s[0].tolist()):
+            assert int(got[i, j]) == round_shift_int(v, k)
+    for sel in (s > 0, s <= 0):  # all-right and all-left shift arrays
+        if sel.any():
+            sub = s[sel][None, :]
+            assert np.array_equal(round_shift(x, sub), got[:, sel[0]])
