@@ -7,6 +7,8 @@ from :func:`bct.model.constants.derive`; rounding from :mod:`bct.model.fixed`.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from bct.config import Config
@@ -45,17 +47,28 @@ def gelu_fixed(x, cfg: Config) -> np.ndarray:
     lim = (1 << (cfg.gelu_bits - 1)) - 1
     x = np.clip(np.asarray(x, dtype=np.int64), -lim, lim)
     a = np.abs(x)
-    idx = np.right_shift(a, c.gelu_seg_shift)
-    inside = idx < cfg.gelu_segments
-    idx = np.minimum(idx, cfg.gelu_segments - 1)
-    frac = a & ((1 << c.gelu_seg_shift) - 1)
-    table = np.asarray(c.gelu_table, dtype=np.int64)
-    lo, hi = table[idx], table[idx + 1]
-    h = lo + round_shift((hi - lo) * frac, c.gelu_seg_shift)
-    h = np.where(inside, h, 0)
-    y = round_shift(np.left_shift(np.maximum(x, 0), c.gelu_table_frac - cfg.gelu_frac) - h,
-                    c.gelu_table_frac - cfg.gelu_frac)
-    return y
+    idx = np.minimum(np.right_shift(a, c.gelu_seg_shift), cfg.gelu_segments)
+    lo, slope = _gelu_segments(cfg)  # index gelu_segments (outside the table) gives h = 0
+    a &= (1 << c.gelu_seg_shift) - 1  # the position inside the segment
+    a *= slope[idx]
+    h = round_shift(a, c.gelu_seg_shift)
+    h += lo[idx]
+    k = c.gelu_table_frac - cfg.gelu_frac
+    y = np.maximum(x, 0)
+    y <<= k
+    y -= h
+    return round_shift(y, k)
+
+
+@lru_cache(maxsize=64)
+def _gelu_segments(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Start value and rise of every GELU table segment, plus one all-zero entry for ``|x|``
+    beyond the table (where ``h = 0``)."""
+    t = np.asarray(derive(cfg).gelu_table, dtype=np.int64)[: cfg.gelu_segments + 1]
+    lo = np.append(t[:-1], 0)
+    slope = np.append(np.diff(t), 0)
+    lo.flags.writeable = slope.flags.writeable = False
+    return lo, slope
 
 
 def gelu(t: BlockTensor, cfg: Config) -> BlockTensor:

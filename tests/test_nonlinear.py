@@ -71,6 +71,14 @@ def test_gelu_matches_scalar_reference(x):
     assert int(gelu_fixed(np.array([x]), CFG)[0]) == gelu_scalar(x, CFG)
 
 
+@pytest.mark.parametrize("cfg", [CFG, Config(gelu_frac=10, gelu_segments=128), Config(gelu_segments=32, gelu_int_bits=4)])
+def test_gelu_matches_scalar_reference_on_every_input(cfg):
+    """Every input of the saturated range (and just past it), against the Python-int algorithm."""
+    lim = (1 << (cfg.gelu_bits - 1)) - 1
+    x = np.arange(-lim - 2, lim + 3)
+    assert gelu_fixed(x, cfg).tolist() == [gelu_scalar(v, cfg) for v in x.tolist()]
+
+
 def test_gelu_edges():
     one = 1 << CFG.gelu_frac
     lim = (1 << (CFG.gelu_bits - 1)) - 1
