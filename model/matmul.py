@@ -137,7 +137,8 @@ def _blocked_gemm(x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int) -> 
       value is subnormal: ``-G <= s' <= 2p + G``);
     * the clamps change nothing: where one is active ``s, s' >= p``, so ``|t| < 1/2`` and both
       round to 0;
-    * ``round(t) = trunc(fl(t + copysign(1/2, t)))`` (round half away from zero): for
+    * ``round(t) = trunc(fl(t + copysign(1/2, t)))`` (round half away from zero; the
+      copysign is done on the bit patterns): for
       ``1 <= s' <= p - 1``, ``|t| + 1/2`` is a multiple of ``2**-s'`` below ``2**(p-1-s')``
       (representable); for ``s' >= p`` it is below ``3/4`` (so it cannot round up to 1, and
       ``|t| < 1/4`` rounds to 0 either way); for ``s' <= 0``, ``t`` is an
@@ -165,12 +166,15 @@ def _blocked_gemm(x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int) -> 
     ws = np.ldexp(wm.astype(dt), -sw[..., None]).reshape(L, N, nb, B)
     ws = np.ascontiguousarray(ws.transpose(0, 2, 3, 1))
     out = np.empty((L, M, N), dtype=np.float64)
-    half = dt(0.5)
     per_row = max(nb * N, 1)
+    # copysign(1/2, t) as bits: t's sign bit or'ed into the bits of 1/2 (same result, faster)
+    ix = np.int32 if dt is np.float32 else np.int64
+    sign, half = ix(np.iinfo(ix).min), dt(0.5).view(ix)
 
     def reduce(t, dst, axis):  # dst = sum over the block axis of round(t)
-        h = np.copysign(half, t)
-        t += h
+        h = np.bitwise_and(t.view(ix), sign)
+        h |= half
+        t += h.view(dt)
         np.trunc(t, out=t)
         t.sum(axis=axis, dtype=np.float64, out=dst)
 
