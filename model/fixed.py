@@ -71,7 +71,9 @@ def round_shift(x, s):
             # mixed: left shift by max(-s, 0), then round right by max(s, 0); the rounding
             # addend 2**(r-1) and the sign term apply only where r > 0 (masks on the small s)
             r = np.maximum(s, 0)
-            y = np.left_shift(np.broadcast_to(x, shape), np.maximum(-s, 0))
+            y = np.broadcast_to(x, shape)
+            if lo < 0:
+                y = np.left_shift(y, np.maximum(-s, 0))
             t = np.right_shift(y, 63)
             t &= -(r > 0).astype(np.int64)
             t += y

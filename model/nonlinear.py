@@ -173,7 +173,8 @@ def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
     s2 = (v * v).sum(axis=-1, keepdims=True)
     d = N * s2 - s1 * s1
     scales = np.broadcast_to(np.asarray(x.scale, dtype=np.int64), v.shape[:-1])
-    eps = np.array([ln_eps_units(c, N, int(s), LN_D_CAP) for s in scales.ravel()], dtype=np.int64)
+    uniq, inverse = np.unique(scales, return_inverse=True)  # few distinct row scales
+    eps = np.array([ln_eps_units(c, N, int(s), LN_D_CAP) for s in uniq], dtype=np.int64)[inverse]
     d = np.minimum(d + eps.reshape(scales.shape)[..., None], LN_D_CAP)
     W = cfg.ln_sqrt_bits
     t = (bit_length(d) - 2 * W + 1) >> 1  # ceil((bitlen - 2W) / 2), may be negative

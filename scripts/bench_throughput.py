@@ -1,12 +1,13 @@
 """Print flat JSON: integer-model throughput against torch FP32 on the same real sentences.
 
 Both models run the same length-sorted batches (padding per batch to its longest row, as
-``bct eval`` does) with the same thread count (torch intra-op threads and the numpy BLAS pool are
-both set to ``--threads``); each figure is the best of ``--repeat`` timed passes over all batches
-after one untimed warm-up pass. The integer forward is also timed per stage (the kernels
-:mod:`bct.model.integer` calls, wrapped by timers) in a separate pass, and ``--profile N`` adds the
-N functions with the largest own time under cProfile (a further pass; profiling overhead is not
-in the throughput figures).
+``bct eval`` does) with the same thread count (torch intra-op threads and the numpy BLAS pool
+are both set to ``--threads``). After one untimed warm-up pass each, the two models alternate
+pass by pass for ``--repeat`` rounds, so a changing machine load hits both alike; ``ratio`` is
+best against best, ``ratio_median_of_rounds`` the median of the per-round ratios. The integer
+forward is also timed per stage (the kernels :mod:`bct.model.integer` calls, wrapped by timers)
+in a separate pass, and ``--profile N`` adds the N functions with the largest own time under
+cProfile (a further pass; profiling overhead is not in the throughput figures).
 
 Sentences: the first ``--rows`` rows of SST-2 dev from ``$BCT_GLUE_DIR``, or a built-in list
 (repeated to ``--rows``) when the variable is unset. Model: ``--model`` (default: the built-in
@@ -87,14 +88,18 @@ def batches(tok, texts, batch_size: int, max_len: int):
     return out, int(lengths.sum())
 
 
-def best_of(fn, repeat: int) -> tuple[float, list[float]]:
-    fn()  # warm-up (allocations, lazy imports, derived constants)
-    times = []
+def paired_times(fns, repeat: int) -> list[list[float]]:
+    """Wall seconds of each function, ``repeat`` rounds after one warm-up round; the functions
+    alternate within a round so a changing machine load hits them alike."""
+    for fn in fns:
+        fn()  # warm-up (allocations, lazy imports, derived constants)
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), times
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return times
 
 
 def stage_breakdown(qm, encs) -> dict:
@@ -186,10 +191,10 @@ def main() -> None:
         for e in encs:
             integer.forward(qm, e)
 
-    fp_s, fp_all = best_of(run_fp32, args.repeat)
-    load_mid = os.getloadavg()
-    int_s, int_all = best_of(run_int, args.repeat)
+    fp_all, int_all = paired_times([run_fp32, run_int], args.repeat)
+    fp_s, int_s = min(fp_all), min(int_all)
     load_end = os.getloadavg()
+    paired = sorted(f / i for f, i in zip(fp_all, int_all))
     out = {
         "config_hash": cfg.hash,
         "model": os.path.basename(model_dir.rstrip("/")),
@@ -206,12 +211,12 @@ def main() -> None:
         "integer_seq_per_s": rows / int_s,
         "fp32_seq_per_s": rows / fp_s,
         "ratio": fp_s / int_s,
+        "ratio_median_of_rounds": paired[len(paired) // 2],
         "integer_best_s": int_s,
         "fp32_best_s": fp_s,
         "integer_all_s": ",".join(f"{t:.3f}" for t in int_all),
         "fp32_all_s": ",".join(f"{t:.3f}" for t in fp_all),
         "loadavg_1m_start": load_start[0],
-        "loadavg_1m_after_fp32": load_mid[0],
         "loadavg_1m_end": load_end[0],
     }
     out.update(stage_breakdown(qm, encs))
