@@ -5,20 +5,32 @@ Modes (``--mode``):
 ``integer`` (default)
     The integer model (``bct.model.integer``) for a config given as ``--set KEY=VALUE``
     options (as for ``bct``): sentence-embedding cosine against float64 (mean, min), whole-model
-    compression ratio and, with ``--stages``, every stage's relative error on real tokens.
+    compression ratio (``QuantBert.storage_bits``) and, with ``--stages``, every stage's
+    relative error on real tokens.
 ``attribute``
-    Which quantisation costs what. A float64 forward with the integer model's error sources as
-    switchable "knobs" (weights, embedding tables, bias / LayerNorm vectors, each stage's
-    activation blocks, the fixed-point grids and units of GELU / softmax / LayerNorm), at the
-    config's formats. For every knob: ``1 - cos`` with only that knob on (``only.<knob>``) and
-    with every knob but it (``all_but.<knob>``); ``all`` is every knob (compare with the
-    integer model's figure).
+    Which quantisation costs what. :class:`FakeQuant` is a float64 forward with the integer
+    model's error sources as switchable knobs (:data:`KNOBS`: weight matrices, embedding
+    tables, bias / LayerNorm vectors, each stage's activation blocks, the fixed-point grids
+    and units of GELU / softmax / LayerNorm), at the config's formats; with every knob on it
+    lands within ~2e-5 of the integer model's cosine. For each knob ``1 - cos`` (mean over
+    sentences) with only that knob on (``only.<knob>``) and with every knob but it
+    (``all_but.<knob>``); ``--which`` picks one of the two, ``--knobs`` a subset.
+``sim``
+    Every knob on except ``--without K1,K2``: what a change of the integer model (e.g. wider
+    intermediates that are no matmul operand) would buy before it is built.
+
+``--perm data|weights`` permutes the hidden channels of every weight, table and LayerNorm
+vector before quantising (exact in float; outlier channels then share blocks): by the largest
+normalised |value| over the residual / LayerNorm stages of 64 STS-B *train* sentences, or by
+LayerNorm |gamma| + |beta| (data-free). The cosine is taken against the reference of the same
+permuted network (cosine is permutation invariant).
 
 Sentences: ``--sentences N`` drawn without replacement (``--seed``) from both sentence columns
-of STS-B dev (``$BCT_GLUE_DIR``), batched by token length.
+of STS-B dev (``$BCT_GLUE_DIR``), batched by token length (``--batch``).
 
-    python scripts/fidelity.py --sentences 400 --set block_size=16 --set weight_block_size=32
-    python scripts/fidelity.py --mode attribute --sentences 400
+    python scripts/fidelity.py --sentences 400 --set block_size=8 --set weight_block_size=32
+    python scripts/fidelity.py --mode attribute --sentences 128 --which only
+    python scripts/fidelity.py --mode sim --set block_size=8 --without act.attn_res,act.ffn_res
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bct.cli import config_from_args  # noqa: E402
-from bct.config import BlockFormat, Config  # noqa: E402
+from bct.config import Config  # noqa: E402
 from bct.model import integer, reference  # noqa: E402
 from bct.model.blocks import encode  # noqa: E402
 from bct.model.checkpoint import BertWeights, Encoding, load_bert, load_tokenizer  # noqa: E402
@@ -283,10 +295,10 @@ def run_integer(cfg: Config, weights, encs, stages: bool) -> dict:
     return res
 
 
-def run_sim(cfg: Config, weights, encs) -> dict:
-    """Every knob on: the float stand-in of the integer model at ``cfg``."""
+def run_sim(cfg: Config, weights, encs, without=()) -> dict:
+    """Every knob but ``without`` on: the float stand-in of the integer model at ``cfg``."""
     ref = np.concatenate([FakeQuant(weights, cfg, ()).forward(e) for e in encs])
-    fq = FakeQuant(weights, cfg, KNOBS)
+    fq = FakeQuant(weights, cfg, set(KNOBS) - set(without))
     cos = cosine(np.concatenate([fq.forward(e) for e in encs]), ref)
     return {"mode": "sim", "config_hash": cfg.hash, "sentences": int(cos.size),
             "cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
@@ -324,6 +336,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--stages", action="store_true", help="integer mode: per-stage errors")
     parser.add_argument("--knobs", help="attribute mode: comma-separated knobs (default all)")
+    parser.add_argument("--without", help="sim mode: comma-separated knobs left off")
     parser.add_argument("--which", default="only,all_but",
                         help="attribute mode: only, all_but or both (comma-separated)")
     args = parser.parse_args()
@@ -340,7 +353,8 @@ def main() -> None:
     if args.mode == "integer":
         res = run_integer(cfg, weights, encs, args.stages)
     elif args.mode == "sim":
-        res = run_sim(cfg, weights, encs)
+        res = run_sim(cfg, weights, encs, args.without.split(",") if args.without else ())
+        res["without"] = args.without or ""
     else:
         res = run_attribute(cfg, weights, encs, args.knobs.split(",") if args.knobs else KNOBS,
                             args.which.split(","))
