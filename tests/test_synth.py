@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bct.config import Config, ConfigError
+from bct.hw import REPLICA_ATTR
 from bct.synth import (CELL_CLASSES, TARGETS, constraint_files, constraints, count_cells,
                        run_unit, serial_wrapper)
 
@@ -135,6 +136,15 @@ def test_flow_end_to_end_small(tmp_path):
     assert r["pnr_ICESTORM_DSP_used"] == 4
     on_disk = json.loads((tmp_path / "ice40-up5k" / "matmul.json").read_text())
     assert on_disk == r
+    # every fan-out replica of a control flag is still its own flip-flop in the netlist
+    nets = json.loads((tmp_path / "ice40-up5k" / "matmul" / "top.json").read_text())
+    nets = nets["modules"]["top"]["netnames"]
+    replicas = {name: tuple(n["bits"]) for name, n in nets.items()
+                if REPLICA_ATTR in n["attributes"]}
+    # four flags with a copy per row, then per PE; pop with a copy per PE of row 0; the
+    # output FIFO's write enable and addresses with a copy per column
+    assert len(replicas) == 4 * (2 + 2 * 2) + 2 + 3 * 2
+    assert len(set(replicas.values())) == len(replicas), replicas
 
 
 def test_design_that_does_not_fit(tmp_path, capsys):
