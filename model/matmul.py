@@ -123,6 +123,20 @@ def _block_float(x: BlockTensor, w: BlockTensor) -> tuple[type, int]:
     raise ConfigError(f"block products up to {bound} exceed the exact float64 range")
 
 
+_BLAS = None
+
+
+def _one_blas_thread():
+    """Context limiting numpy's BLAS to one thread: the block GEMMs are many small products
+    (inner length ``B``), which a second BLAS thread slows down several times on a loaded
+    2-core machine (``scripts/bench_throughput.py``)."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+        _BLAS = ThreadpoolController()  # finds the loaded BLAS libraries once
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def _blocked_gemm(x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int) -> np.ndarray:
     """The accumulator ``sum_j round(P[m,n,j] * 2**-s)`` via batched GEMMs of the K-blocks.
 
@@ -178,17 +192,18 @@ def _blocked_gemm(x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int) -> 
         np.trunc(t, out=t)
         t.sum(axis=axis, dtype=np.float64, out=dst)
 
-    if M * per_row <= _CHUNK:  # small matrices (attention heads): chunks of batch elements
-        step = max(1, _CHUNK // (M * per_row))
-        for l0 in range(0, L, step):
-            sl = slice(l0, l0 + step)
-            reduce(np.matmul(xs[sl], ws[sl]), out[sl], 1)
-    else:
-        step = max(1, _CHUNK // per_row)
-        for l in range(L):
-            for m0 in range(0, M, step):
-                sl = slice(m0, m0 + step)
-                reduce(np.matmul(xs[l, :, sl], ws[l]), out[l, sl], 0)
+    with _one_blas_thread():
+        if M * per_row <= _CHUNK:  # small matrices (attention heads): chunks of batch elements
+            step = max(1, _CHUNK // (M * per_row))
+            for l0 in range(0, L, step):
+                sl = slice(l0, l0 + step)
+                reduce(np.matmul(xs[sl], ws[sl]), out[sl], 1)
+        else:
+            step = max(1, _CHUNK // per_row)
+            for l in range(L):
+                for m0 in range(0, M, step):
+                    sl = slice(m0, m0 + step)
+                    reduce(np.matmul(xs[l, :, sl], ws[l]), out[l, sl], 0)
     return out.reshape(lead + (M, N)).astype(np.int64)
 
 
