@@ -60,11 +60,10 @@ _REASONS = {
     "CASEINCOMPLETE": "Amaranth writes an FSM as one casez per driven signal after a default "
                       "assignment, with the arms that do not drive it pruned",
 }
-#: The matmul array's UNUSEDSIGNAL waiver is narrower: only Yosys' ``$`` temporaries, the
-#: payload alias wires and the output FIFO read port's data alias (``rp.data``, an alias of
-#: ``out.payload``); tests/test_hw_matmul.py lints the array with this same list.
+#: The matmul array's UNUSEDSIGNAL waiver is narrower: only Yosys' ``$`` temporaries and the
+#: payload alias wires; tests/test_hw_matmul.py lints the array with this same list.
 MATMUL_UNUSED = ("Bits of signal are not used: '$*", "Signal is not used: '*.*'",
-                 "Signal is not used: '*]'", "Signal is not used: 'rp__data'")
+                 "Signal is not used: '*]'")
 
 
 @dataclass(frozen=True)
