@@ -199,6 +199,9 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
     ff_mul = 0 if dsp else (a + op) + (a + op)
     ff_pe = ff_mul + bp + ub + 4 * W + acc + acc
     ff_ctl = 2 * ((R + C) * sb + 4) + 16
+    # fan-out copies: four PE flags (a copy per row, then per PE), pop (per PE of the rows
+    # that shift), the output FIFO's write enable and addresses (per column)
+    ff_ctl += 4 * (R + pes) + max(R - 1, 1) * C + C * (1 + 2 * (max(10, R) - 1).bit_length())
     bt = vb + G + 2  # the stored bias (qb << G+1) - (qb < 0)
     ff_out = (C * (bt + bsb) + R * bsb                              # bias beat
               + C * (acc + bt + (2 * bias_shift_max).bit_length())  # o1
@@ -213,6 +216,10 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
     lut = LUT_SCALE[family] * (pes * lut_pe + C * (vb + G) * bsb) + mul_luts
     if family.startswith("ice40"):  # no LUT RAM: the output FIFO is registers
         ff += max(10, R) * C * acc
+    if family == "xc7":
+        # Yosys packs the block product's accumulation into the DSP48E1 (PREG), and the
+        # output stages' reset-less, enable-free row delay line (4 stages) into SRL16Es
+        ff -= pes * bp + 4 * C * acc
     return {"pes": pes, "dsp": dsp, "ff": int(ff), "lut": int(round(lut)),
             "luts_per_mac": round(lut / pes, 1)}
 
