@@ -86,6 +86,19 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="seq", disable=not progress, leave=False)
 
 
+
+def length_batches(full: Encoding, batch_size: int) -> tuple[list[Encoding], np.ndarray]:
+    """Rows sorted by length (stable) in batches of ``batch_size``, each cut to its longest row
+    (the order the FP32 and the integer passes both use), and that row order."""
+    lengths = full.attention_mask.sum(axis=1)
+    order = np.argsort(lengths, kind="stable")
+    out = []
+    for s in range(0, len(order), batch_size):
+        sel = order[s:s + batch_size]
+        t = int(lengths[sel].max())
+        out.append(Encoding(*(np.ascontiguousarray(a[sel, :t]) for a in full)))
+    return out, order
+
 def prepare(
     task: str,
     model_dir: str | os.PathLike,
@@ -145,13 +158,7 @@ def prepare(
         raise CheckpointError(f"{spec.name} dev split has no rows to evaluate")
     tok = load_tokenizer(model_dir)
     full = tok.encode(data.text_a, data.text_b, max_len=max_len, padding="longest")
-    lengths = full.attention_mask.sum(axis=1)
-    order = np.argsort(lengths, kind="stable")
-    batches = []
-    for s in range(0, len(order), batch_size):
-        sel = order[s:s + batch_size]
-        t = int(lengths[sel].max())
-        batches.append(Encoding(*(np.ascontiguousarray(a[sel, :t]) for a in full)))
+    batches, order = length_batches(full, batch_size)
     logits, seconds = _torch_fp32(model_dir, batches, progress)
     return Prepared(
         spec=spec, model_dir=model_dir, weights=weights, batches=batches, order=order,

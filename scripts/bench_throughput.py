@@ -47,7 +47,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import json  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 BUILTIN = [
     "The quick brown fox jumps over the lazy dog near the quiet river bank today.",
@@ -75,17 +74,10 @@ def sentences(rows: int) -> tuple[list[str], str]:
 
 def batches(tok, texts, batch_size: int, max_len: int):
     """Length-sorted batches, each padded to its longest row (as bct eval does)."""
-    from bct.model.checkpoint import Encoding
+    from bct.model.evaluate import length_batches
 
     full = tok.encode(texts, max_len=max_len, padding="longest")
-    lengths = full.attention_mask.sum(axis=1)
-    order = np.argsort(lengths, kind="stable")
-    out = []
-    for s in range(0, len(order), batch_size):
-        sel = order[s:s + batch_size]
-        t = int(lengths[sel].max())
-        out.append(Encoding(*(np.ascontiguousarray(a[sel, :t]) for a in full)))
-    return out, int(lengths.sum())
+    return length_batches(full, batch_size)[0], int(full.attention_mask.sum())
 
 
 def paired_times(fns, repeat: int) -> list[list[float]]:
