@@ -201,7 +201,8 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
     ff_ctl = 2 * ((R + C) * sb + 4) + 16
     # fan-out copies: four PE flags (a copy per row, then per PE), pop (per PE of the rows
     # that shift), the output FIFO's write enable and addresses (per column)
-    ff_ctl += 4 * (R + pes) + max(R - 1, 1) * C + C * (1 + 2 * (max(10, R) - 1).bit_length())
+    depth = MatmulArray.output_depth(cfg)  # output FIFO rows
+    ff_ctl += 4 * (R + pes) + max(R - 1, 1) * C + C * (1 + 2 * (depth - 1).bit_length())
     bt = vb + G + 2  # the stored bias (qb << G+1) - (qb < 0)
     ff_out = (C * (bt + bsb) + R * bsb                              # bias beat
               + C * (acc + bt + (2 * bias_shift_max).bit_length())  # o1
@@ -215,10 +216,11 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
     mul_luts = 0 if dsp else MUL_LUT_PER_BIT2 * pes * a * op
     lut = LUT_SCALE[family] * (pes * lut_pe + C * (vb + G) * bsb) + mul_luts
     if family.startswith("ice40"):  # no LUT RAM: the output FIFO is registers
-        ff += max(10, R) * C * acc
+        ff += depth * C * acc
     if family == "xc7":
         # Yosys packs the block product's accumulation into the DSP48E1 (PREG), and the
         # output stages' reset-less, enable-free row delay line (4 stages) into SRL16Es
+        # (58 SRL16E for the 70 bit-lines of the 2x2: most of them)
         ff -= pes * bp + 4 * C * acc
     return {"pes": pes, "dsp": dsp, "ff": int(ff), "lut": int(round(lut)),
             "luts_per_mac": round(lut / pes, 1)}

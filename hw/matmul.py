@@ -158,7 +158,7 @@ class MatmulArray(wiring.Component):
         #: Depth of the output FIFO; also the number of output rows in flight after the drain
         #: registers (credits): a row's credit is back 8 cycles after it left, so 10 keep one
         #: row per cycle flowing, and R let a whole tile drain at once.
-        self.out_depth = max(10, cfg.array_rows)
+        self.out_depth = self.output_depth(cfg)
         R, C = cfg.array_rows, cfg.array_cols
         operand_bits = max(cfg.weight_format.bits, cfg.act_format.bits)
         super().__init__({
@@ -178,6 +178,11 @@ class MatmulArray(wiring.Component):
             }))),
             "out": Out(stream.Signature(data.ArrayLayout(signed(cfg.acc_bits), C))),
         })
+
+    @staticmethod
+    def output_depth(cfg: Config) -> int:
+        """Rows of the output FIFO (:attr:`out_depth`): ``max(10, R)``."""
+        return max(10, cfg.array_rows)
 
     @staticmethod
     def limits(cfg: Config) -> tuple[int, int]:

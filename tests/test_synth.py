@@ -141,9 +141,10 @@ def test_flow_end_to_end_small(tmp_path):
     nets = nets["modules"]["top"]["netnames"]
     replicas = {name: tuple(n["bits"]) for name, n in nets.items()
                 if REPLICA_ATTR in n["attributes"]}
-    # four flags with a copy per row, then per PE; pop with a copy per PE of row 0; the
-    # output FIFO's write enable and addresses with a copy per column
-    assert len(replicas) == 4 * (2 + 2 * 2) + 2 + 3 * 2
+    # four flags with a copy per row, then per PE; pop with a copy per PE of the rows that
+    # shift (row 0 here); the output FIFO's write enable and addresses with a copy per column
+    R, C = SMALL.array_rows, SMALL.array_cols
+    assert len(replicas) == 4 * (R + R * C) + max(R - 1, 1) * C + 3 * C
     assert len(set(replicas.values())) == len(replicas), replicas
 
 
