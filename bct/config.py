@@ -29,6 +29,10 @@ WEIGHT_EXP_SEARCHES = ("max", "mse")
 #: Widest accumulator the software fast path keeps exact (float64 holds every integer below 2**53).
 EXACT_FLOAT_BITS = 53
 
+#: Fields added after schema 1: :meth:`Config.to_dict` (hence :attr:`Config.hash`) leaves each
+#: out while it equals its default, so every config that does not use them keeps its hash.
+OPTIONAL_FIELDS = ("residual_bits",)
+
 
 class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent."""
@@ -103,6 +107,13 @@ class Config:
         Integer width of weight / activation blocks (2..16).
     vector_bits : int
         Integer width of the block-format vectors (biases, LayerNorm gamma and beta).
+    residual_bits : int or None
+        The wide residual path: integer width of the residual stream's blocks (the embedding
+        sum, each residual sum and the copy of each LayerNorm output that is added to the next
+        residual), ``act_bits..min(16, act_bits + acc_guard_bits)``. LayerNorm reads these
+        blocks aligned with :attr:`residual_guard_bits`, and its output's copy that feeds the
+        next matmuls is still rounded to ``act_bits``: matmul operands stay narrow.
+        ``None`` (default): the residual stream is in the activation format.
     exp_bits : int
         Width of the shared exponents of activations and vectors (signed; 2..10).
     weight_exp_bits : int or None
@@ -153,6 +164,7 @@ class Config:
     weight_bits: int = 8
     act_bits: int = 8
     vector_bits: int = 8
+    residual_bits: int | None = None
     exp_bits: int = 8
     weight_exp_bits: int | None = None
     weight_exp_search: str = "max"
@@ -198,6 +210,9 @@ class Config:
                 f"weight_exp_search must be 'max' or 'mse', not {self.weight_exp_search!r}"
             )
         _check_int("acc_guard_bits", self.acc_guard_bits, 0, 16)
+        if self.residual_bits is not None:  # its aligned sums must stay within add_bound
+            _check_int("residual_bits", self.residual_bits, self.act_bits,
+                       min(16, self.act_bits + self.acc_guard_bits))
         _check_int("max_reduction", self.max_reduction, self.block_size, 1 << 16)
         if self.max_reduction % self.block_size:
             raise ConfigError(
@@ -270,6 +285,12 @@ class Config:
         """Block format of biases and LayerNorm gamma / beta."""
         return BlockFormat(self.vector_bits, self.block_size, self.exp_bits)
 
+    @property
+    def residual_format(self) -> BlockFormat:
+        """Block format of the residual stream: ``residual_bits`` wide, or the activation
+        format when ``residual_bits`` is ``None``."""
+        return BlockFormat(self.residual_bits or self.act_bits, self.block_size, self.exp_bits)
+
     # ----------------------------------------------------------------------------------------
     # Derived widths (the proofs are in docs/arithmetic.md)
     @property
@@ -299,6 +320,14 @@ class Config:
         """Largest magnitude of a sum of up to :data:`MAX_ADD_TERMS` aligned activations (or
         embedding rows, stored in the weight format)."""
         return (MAX_ADD_TERMS * self.operand_qmax) << self.acc_guard_bits
+
+    @property
+    def residual_guard_bits(self) -> int:
+        """Guard bits below the row's largest exponent when residual-format blocks are aligned
+        (the residual sums, LayerNorm's input): ``acc_guard_bits - (residual_bits - act_bits)``,
+        so an aligned residual row is no wider than an aligned activation row and every sum
+        stays within :attr:`add_bound` (equal to ``acc_guard_bits`` without the wide path)."""
+        return self.acc_guard_bits - (self.residual_format.bits - self.act_bits)
 
     @property
     def add_bits(self) -> int:
@@ -339,8 +368,13 @@ class Config:
     # ----------------------------------------------------------------------------------------
     # Identity
     def to_dict(self) -> dict:
-        """The fields as a plain dict (JSON-serialisable)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """The fields as a plain dict (JSON-serialisable); a field of :data:`OPTIONAL_FIELDS`
+        is left out while it equals its default."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.init and not (f.name in OPTIONAL_FIELDS and getattr(self, f.name) == f.default)
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -357,7 +391,14 @@ class Config:
 
     @cached_property
     def hash(self) -> str:
-        """Stable 16-hex-digit content hash of every field and the schema version."""
+        """Stable 16-hex-digit content hash of every field and the schema version.
+
+        It is the sha256 of :meth:`to_dict` plus ``SCHEMA_VERSION`` as sorted compact JSON.
+        Rule for new fields: a field added after schema 1 goes into :data:`OPTIONAL_FIELDS`
+        with a default that means the old behaviour, so it is left out of the hash at that
+        default and every existing config (and artefact) keeps its hash; set to anything else,
+        it is hashed like every other field.
+        """
         blob = json.dumps(
             {"schema": SCHEMA_VERSION, **self.to_dict()}, sort_keys=True, separators=(",", ":")
         )

@@ -70,6 +70,11 @@ def test_check_hash_refuses_mismatch():
         ({"clock_mhz": 0}, "clock_mhz must be in 1..2000, not 0"),
         ({"act_bits": 16, "weight_bits": 16, "acc_guard_bits": 16}, "the matmul accumulator needs 59 bits \\(> 53\\)"),
         ({"act_bits": 16}, "LayerNorm's N \\* sum\\(x\\*\\*2\\) needs"),
+        ({"residual_bits": 7}, "residual_bits must be in 8..16, not 7"),
+        ({"residual_bits": 17}, "residual_bits must be in 8..16, not 17"),
+        ({"residual_bits": 13, "acc_guard_bits": 4}, "residual_bits must be in 8..12, not 13"),
+        ({"residual_bits": 11, "act_bits": 12}, "residual_bits must be in 12..16, not 11"),
+        ({"residual_bits": 16.0}, "residual_bits must be an int, not float"),
     ],
 )
 def test_config_errors(kw, message):
@@ -94,3 +99,42 @@ def test_unknown_field_refused():
 def test_frozen():
     with pytest.raises(Exception):
         Config().block_size = 64
+
+
+#: Hashes printed by ``bct config`` before ``residual_bits`` existed (they must never change).
+OLD_HASHES = [
+    ({}, "66131dc4cd7c04ea"),
+    ({"block_size": 8, "weight_block_size": 8, "vector_bits": 16, "ln_out_frac": 12,
+      "gelu_frac": 12}, "179ef5a9e4e89599"),
+    ({"weight_bits": 4, "weight_block_size": 128, "weight_exp_bits": 6,
+      "weight_exp_search": "mse"}, "8804f70186d61d11"),
+]
+
+
+@pytest.mark.parametrize("kw, digest", OLD_HASHES)
+def test_new_field_at_its_default_keeps_existing_hashes(kw, digest):
+    c = Config(**kw)
+    assert c.hash == digest
+    assert "residual_bits" not in c.to_dict()
+    assert Config.from_dict(c.to_dict()) == c
+
+
+def test_residual_bits_is_hashed_when_set():
+    c = Config(residual_bits=16)
+    assert c.to_dict()["residual_bits"] == 16 and c.hash not in {d for _, d in OLD_HASHES}
+    assert Config.from_dict(json.loads(json.dumps(c.to_dict()))).hash == c.hash
+    assert Config(residual_bits=8).hash not in (c.hash, Config().hash)
+
+
+def test_residual_format_and_guard_bits():
+    c = Config()
+    assert c.residual_format == c.act_format and c.residual_guard_bits == c.acc_guard_bits == 8
+    w = Config(residual_bits=16)
+    assert w.residual_format.bits == 16 and w.residual_format.block == 32
+    assert w.residual_guard_bits == 0 and w.add_bound == c.add_bound
+    for kw in ({"residual_bits": 12}, {"residual_bits": 16}, {"residual_bits": 10, "acc_guard_bits": 2}):
+        w = Config(**kw)
+        qa, qr, g = w.act_format.qmax, w.residual_format.qmax, w.residual_guard_bits
+        # an aligned residual row (one activation + one residual term) fits LayerNorm's input
+        assert w.residual_guard_bits == w.acc_guard_bits - (w.residual_bits - 8)
+        assert (qa + qr) << g <= w.add_bound
