@@ -174,6 +174,11 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
     Program
     """
     shape.check(cfg)
+    if cfg.residual_bits is not None:  # the RTL's residual stream is in the activation format
+        raise ConfigError(
+            f"the layer accelerator does not support the wide residual path yet "
+            f"(residual_bits={cfg.residual_bits}); only bct.model.integer runs it"
+        )
     if qm is not None and len(qm.encoder) < shape.layers:
         raise ConfigError(f"the program runs {shape.layers} layers, the model has {len(qm.encoder)}")
     B = cfg.block_size

@@ -106,6 +106,14 @@ def test_program_refuses_shapes(shape, message):
         build_program(Config(), shape)
 
 
+def test_program_refuses_the_wide_residual_path():
+    shape = LayerShape(384, 12, 1536, 32)
+    with pytest.raises(ConfigError, match=r"the layer accelerator does not support the wide "
+                                          r"residual path yet \(residual_bits=16\)"):
+        build_program(Config(residual_bits=16), shape)
+    assert build_program(Config(), shape).cfg == Config()
+
+
 def test_stage_words_layout(tiny):
     qm, prog = tiny
     ids = np.arange(1, 21)[None]
