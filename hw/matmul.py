@@ -226,9 +226,11 @@ class MatmulArray(wiring.Component):
                      self.weight.ready.eq(admit & self.act.valid)]
         take = admit & self.act.valid & self.weight.valid
 
-        # Stage 0: input registers (broadcast along rows / columns from here). A cycle without
-        # a beat enters as x = 0 with no block flags, so the product and block-product stages
-        # below need no enable either: a bubble adds 0.
+        # Stage 0: input registers (broadcast along rows / columns from here). They sample the
+        # payloads on every cycle (no enable: ``take``, which depends on the input valids,
+        # reaches only a few flags); ``s0_valid`` says when they hold a beat. The product of a
+        # cycle without a beat is dropped at the block accumulate (a per-PE copy of the valid
+        # flag), so the stages in between need no enable either.
         s0_valid = Signal()
         s0_act = Signal.like(self.act.payload, reset_less=True)
         s0_wgt = Signal.like(self.weight.payload, reset_less=True)
@@ -236,12 +238,10 @@ class MatmulArray(wiring.Component):
         s0_block_last = Signal()
         kpos = Signal(range(B))  # position inside the K-block (B is a power of two: wraps)
         m.d.sync += [s0_valid.eq(take), s0_first.eq(take & (kpos == 0)),
-                     s0_block_last.eq(take & (kpos == B - 1))]
+                     s0_block_last.eq(take & (kpos == B - 1)),
+                     s0_act.eq(self.act.payload), s0_wgt.eq(self.weight.payload)]
         with m.If(take):
-            m.d.sync += [s0_act.eq(self.act.payload), s0_wgt.eq(self.weight.payload),
-                         kpos.eq(kpos + 1)]
-        with m.Else():
-            m.d.sync += [s0_act.x[r].eq(0) for r in range(R)]
+            m.d.sync += kpos.eq(kpos + 1)
 
         # Control fan-out: a flag that reaches a PE's data registers comes from that PE's own
         # copy at the end of a two-level register tree (one copy per row, then one per PE), so
@@ -299,10 +299,12 @@ class MatmulArray(wiring.Component):
         s2_done, s2_last = Signal(), Signal()  # prod holds a finished K-block
         m.d.sync += s2_done.eq(s1_block_last)
         first_pe = spread(s0_first, "first")  # the block's first product is in mul
+        valid_pe = spread(s0_valid, "valid")  # mul holds a beat's product (not a bubble's)
         block_last_pe = spread(s0_block_last, "blast")  # = s1_block_last, per PE
         for r in range(R):
             for c in range(C):
-                m.d.sync += prod[r][c].eq(Mux(first_pe[r][c], 0, prod[r][c]) + mul[r][c])
+                m.d.sync += prod[r][c].eq(Mux(first_pe[r][c], 0, prod[r][c])
+                                          + Mux(valid_pe[r][c], mul[r][c], 0))
                 with m.If(block_last_pe[r][c]):
                     m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
         with m.If(s1_block_last):
@@ -347,13 +349,22 @@ class MatmulArray(wiring.Component):
                for c in range(C)]
         b_col = Signal.like(self.bias.payload.col_shift, reset_less=True)
         b_row = Signal.like(self.bias.payload.row_shift, reset_less=True)
+        # Bias input: the holding register ``bin`` samples the bus on every cycle it is free
+        # (enable: per-column copies of ``~bin_full``; ``ready`` is ``~bin_full``)
+        # and moves into the bias registers on ``xfer``, a register computed a cycle ahead,
+        # so neither the input valid nor a LUT sits in front of those enables.
+        bin_ = Signal.like(self.bias.payload, reset_less=True)
+        bin_full = Signal()
+        bin_free_c = [Signal(init=1, name=f"bin_free_{c}", attrs=replica) for c in range(C + 1)]
+        xfer = Signal()
+        xfer_c = [Signal(name=f"xfer_{c}", attrs=replica) for c in range(C + 1)]
         credits = Signal(range(self.out_depth + 1), init=self.out_depth)
 
         # Control, all registers: pop (a drain row leaves: it has its bias and a credit) and
-        # pop_last (the tile's last row) are computed from the next state of full,
-        # bias_full, row, credits and the stage-4 flags, so each is the same function of the
-        # state as if it were combinational, one cycle earlier.
-        pop, pop_last = Signal(), Signal()
+        # xfer are computed from the next state of full, bias_full, bin_full, row, credits
+        # and the stage-4 flags, so each is the same function of the state as if it were
+        # combinational, one cycle earlier.
+        pop = Signal()
         # copies of pop, one per PE of the rows that shift (row 0's also start the output)
         pop_pe = [[Signal(name=f"pop_{r}_{c}", attrs=replica) for c in range(C)]
                   for r in range(max(R - 1, 1))]
@@ -361,16 +372,16 @@ class MatmulArray(wiring.Component):
         depth = self.out_depth
         level = Signal(range(depth + 1))  # rows in the output FIFO
         back = (level != 0) & self.out.ready  # a row leaves the FIFO: its credit returns
-        bias_take = self.bias.valid & self.bias.ready
-        # The registered pop and pop_last drive hundreds of flip-flops; the next-state
+        accept = self.bias.valid & ~bin_full
+        # The registered pop drives hundreds of flip-flops; the next-state
         # logic uses their values recomputed from the low-fan-out state registers instead
         # (equal by construction), so no high-fan-out net sits on a control path.
         zero = Signal()
         pop_c = full & bias_full & ~zero
         pop_last_c = pop_c & (row == R - 1)
         full_n = Mux(finish, 1, Mux(pop_last_c, 0, full))  # (admission: never both)
-        bias_full_n = Mux(self.bias.valid & (~bias_full | pop_last_c), 1,
-                          Mux(pop_last_c, 0, bias_full))
+        bias_full_n = Mux(xfer, 1, Mux(pop_last_c, 0, bias_full))
+        bin_full_n = Mux(accept, 1, Mux(xfer, 0, bin_full))
         row_n = Mux(pop_c, Mux(row == R - 1, 0, row + 1), row)
         # a credit comes back one cycle after its row left the FIFO (back_r), so the credit
         # test below starts at registers: credits_n == 0 only if no credit comes back and
@@ -386,10 +397,15 @@ class MatmulArray(wiring.Component):
         s4_last_n = Mux(s3_done, s3_last, s4_last)
         pop_n = full_n & bias_full_n & credits_nz
         pop_last_n = pop_n & (row_n == R - 1)
+        # the bias registers are free next cycle, or their tile's last row pops then (o1
+        # samples the old bias at the edge that loads the new one)
+        xfer_n = bin_full_n & (~bias_full_n | pop_last_n)
+        m.d.sync += [bin_full.eq(bin_full_n), *[f.eq(~bin_full_n) for f in bin_free_c],
+                     xfer.eq(xfer_n), *[x.eq(xfer_n) for x in xfer_c]]
         m.d.sync += [full.eq(full_n), bias_full.eq(bias_full_n), row.eq(row_n),
                      credits.eq(credits_n), back_r.eq(back), zero.eq(zero_n),
                      one.eq(one_n), s4_done.eq(s3_done), s4_last.eq(s4_last_n),
-                     pop.eq(pop_n), pop_last.eq(pop_last_n),
+                     pop.eq(pop_n),
                      *[p.eq(pop_n) for row_copies in pop_pe for p in row_copies],
                      inflight.eq(Mux(take & self.act.payload.last, 1,
                                      Mux(finish, 0, inflight)))]
@@ -411,20 +427,25 @@ class MatmulArray(wiring.Component):
         # o1 (total bias shift per column), o2 (the aligned bias term), o3 (the sum), then
         # the FIFO. Each popped row takes a credit, returned when it leaves the FIFO, so the
         # pipeline never needs to stall.
-        with m.If(pop):
+        with m.If(xfer_c[C]):
+            m.d.sync += b_row.eq(bin_.row_shift)
+        with m.Elif(pop):
             m.d.sync += [b_row[r].eq(b_row[r + 1]) for r in range(R - 1)]
         for r in range(R - 1):
             for c in range(C):
                 with m.If(pop_pe[r][c]):
                     m.d.sync += drain[r][c].eq(drain[r + 1][c])
 
-        m.d.comb += self.bias.ready.eq(~bias_full | pop_last)
-        with m.If(bias_take):
-            m.d.sync += [b_col.eq(self.bias.payload.col_shift),
-                         b_row.eq(self.bias.payload.row_shift)]
-            for c in range(C):
-                qb = self.bias.payload.b[c]
-                m.d.sync += b_t[c].eq((qb << (G + 1)) - (qb < 0))
+        m.d.comb += self.bias.ready.eq(~bin_full)
+        with m.If(bin_free_c[C]):
+            m.d.sync += bin_.row_shift.eq(self.bias.payload.row_shift)
+        for c in range(C):
+            with m.If(bin_free_c[c]):
+                m.d.sync += [bin_.b[c].eq(self.bias.payload.b[c]),
+                             bin_.col_shift[c].eq(self.bias.payload.col_shift[c])]
+            with m.If(xfer_c[c]):
+                qb = bin_.b[c]
+                m.d.sync += [b_col[c].eq(bin_.col_shift[c]), b_t[c].eq((qb << (G + 1)) - (qb < 0))]
 
         # o1: the row and its total bias shifts; o2 / o3: round_shift(qb << G, u) in the PE's
         # two shift stages; o4 (the FIFO's write data): the sum. Like the PE's rounding stages
