@@ -21,6 +21,8 @@ fit its significand, else float64), then the rounding and the sum over blocks, a
 
 from __future__ import annotations
 
+import os
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +33,7 @@ from bct.model.fixed import round_shift, round_shift_int
 
 __all__ = [
     "Fixed", "matmul", "matmul_pyint", "linear", "add", "row_scale", "act_blocks", "check_operands",
+    "set_threads",
 ]
 
 class Fixed(NamedTuple):
@@ -97,15 +100,12 @@ def matmul(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
     """
     check_operands(x, w, bias, cfg)
     scale = row_scale(x, w, bias, cfg)
-    acc = _blocked_gemm(x, w, scale, cfg.acc_guard_bits)
-    if bias is not None:
-        shift = scale[..., None, None] - bias.exp[:, None]  # (..., M, nbN, 1)
-        acc += round_shift(bias.blocks, shift).reshape(acc.shape)
-    return Fixed(acc, scale)
+    return Fixed(_blocked_gemm(x, w, scale, cfg.acc_guard_bits, bias), scale)
 
 
-#: Elements of one chunk's block products (float32: 8 MB); chunks keep the temporaries in cache.
-_CHUNK = 1 << 21
+#: Block products per chunk (float32: 1.2 MB): one chunk's GEMM output stays in cache for the
+#: rounding pass that follows it.
+_CHUNK = 3 << 16
 
 
 def _block_float(x: BlockTensor, w: BlockTensor) -> tuple[type, int]:
@@ -129,7 +129,7 @@ _BLAS = None
 def _one_blas_thread():
     """Context limiting numpy's BLAS to one thread: the block GEMMs are many small products
     (inner length ``B``), which a second BLAS thread slows down several times on a loaded
-    2-core machine (``scripts/bench_throughput.py``)."""
+    2-core machine; the chunks are spread over :func:`set_threads` threads of our own instead."""
     global _BLAS
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController
@@ -137,8 +137,111 @@ def _one_blas_thread():
     return _BLAS.limit(limits=1, user_api="blas")
 
 
-def _blocked_gemm(x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int) -> np.ndarray:
-    """The accumulator ``sum_j round(P[m,n,j] * 2**-s)`` via batched GEMMs of the K-blocks.
+_THREADS = max(1, min(2, os.cpu_count() or 1))
+_POOL = None
+
+
+def set_threads(n: int) -> None:
+    """Number of threads the block GEMMs run on (default: 2, or 1 on a 1-core machine)."""
+    global _THREADS, _POOL
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive int, not {n!r}")
+    if n != _THREADS and _POOL is not None:
+        _POOL.shutdown()
+        _POOL = None
+    _THREADS = n
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(_THREADS, thread_name_prefix="bct-gemm")
+    return _POOL
+
+
+_ROUND_SUM = None
+
+
+def _round_sum():
+    """The compiled rounding pass (numba; compiled on first use, cached on disk).
+
+    ``round_sum(t, out, bm, be, sc)``: ``out[c, r, n] = sum_j round(t[c, j, r, n])`` for the
+    block terms ``t`` of one chunk, with ``round(t) = trunc(t + copysign(1/2, t))`` in ``t``'s
+    own float type (exact, see :func:`_blocked_gemm`) and the sum over blocks in float64, stored
+    as int64; plus, when ``bm`` is not empty, the bias term
+    ``round_shift(bm[n], sc[c, r] - be[n // Bv])`` (:func:`bct.model.fixed.round_shift` on
+    scalars: the one rounding rule).
+    """
+    global _ROUND_SUM
+    if _ROUND_SUM is None:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def round_sum(t, out, bm, be, sc):
+            C, nb, R, N = t.shape
+            half = t.dtype.type(0.5)
+            nbb = be.shape[0]
+            Bv = N // nbb if nbb else 0
+            acc = np.empty(N)
+            for c in range(C):
+                for r in range(R):
+                    acc[:] = 0.0
+                    for j in range(nb):
+                        tj = t[c, j, r]
+                        for n in range(N):
+                            v = tj[n]
+                            acc[n] += np.float64(np.trunc(v + np.copysign(half, v)))
+                    o = out[c, r]
+                    for n in range(N):
+                        o[n] = np.int64(acc[n])
+                    for k in range(nbb):
+                        s = sc[c, r] - be[k]
+                        if s <= 0:
+                            for i in range(k * Bv, (k + 1) * Bv):
+                                o[i] += bm[i] << -s
+                        elif s <= 62:
+                            a = (np.int64(1) << (s - 1))
+                            for i in range(k * Bv, (k + 1) * Bv):
+                                b = bm[i]
+                                o[i] += (b + a - (b < 0)) >> s
+
+        _ROUND_SUM = round_sum
+    return _ROUND_SUM
+
+
+_PREPARED: dict = {}  # id(weight) -> (weak reference, {(B, dtype, G): prepared})
+
+
+def _prepare_right(w: BlockTensor, B: int, dt: type, p: int, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """``w``'s blocks scaled by ``2**-sw'`` as ``(L, nb, B, N)`` and its largest exponents.
+
+    Kept per 2-D right operand (the weights, used at every call) while that :class:`BlockTensor`
+    lives: like every BlockTensor it must not be changed in place once used.
+    """
+    key = (B, dt, G)
+    entry = _PREPARED.get(id(w))
+    if entry is not None and entry[0]() is w and key in entry[1]:
+        return entry[1][key]
+    wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
+    ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
+    sw = np.minimum(ew_max - we, p + G)  # (..., N, nb), >= 0
+    N, nb = we.shape[-2:]
+    ws = np.ldexp(wm.astype(dt), -sw[..., None]).reshape(-1, N, nb, B)
+    out = (np.ascontiguousarray(ws.transpose(0, 2, 3, 1)), ew_max)
+    if w.mant.ndim == 2:
+        if entry is None or entry[0]() is not w:
+            ref = weakref.ref(w, lambda _, i=id(w): _PREPARED.pop(i, None))
+            entry = _PREPARED[id(w)] = (ref, {})
+        entry[1][key] = out
+    return out
+
+
+def _blocked_gemm(
+    x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int, bias: BlockTensor | None = None
+) -> np.ndarray:
+    """The accumulator ``sum_j round(P[m,n,j] * 2**-s)`` (plus the bias, each bias element
+    ``round_shift(b, scale - e_b)``) via batched GEMMs of the K-blocks.
 
     Each operand block is pre-scaled by its (clamped) power of two, ``x * 2**-sx'`` and
     ``w * 2**-sw'`` with ``sx' = min(sx, p)`` and ``sw' = min(sw, p + G)``, so one GEMM per
@@ -151,8 +254,7 @@ def _blocked_gemm(x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int) -> 
       value is subnormal: ``-G <= s' <= 2p + G``);
     * the clamps change nothing: where one is active ``s, s' >= p``, so ``|t| < 1/2`` and both
       round to 0;
-    * ``round(t) = trunc(fl(t + copysign(1/2, t)))`` (round half away from zero; the
-      copysign is done on the bit patterns): for
+    * ``round(t) = trunc(fl(t + copysign(1/2, t)))`` (round half away from zero): for
       ``1 <= s' <= p - 1``, ``|t| + 1/2`` is a multiple of ``2**-s'`` below ``2**(p-1-s')``
       (representable); for ``s' >= p`` it is below ``3/4`` (so it cannot round up to 1, and
       ``|t| < 1/4`` rounds to 0 either way); for ``s' <= 0``, ``t`` is an
@@ -162,49 +264,58 @@ def _blocked_gemm(x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int) -> 
     * the rounded terms are integers; their float64 sum over the K-blocks stays below
       ``Config.acc_bound < 2**52`` (the config refuses wider accumulators), exact in any order.
 
-    Rows (or batch elements) are processed in chunks of about ``_CHUNK`` block products so the
-    temporaries stay in cache.
+    The work is cut into chunks of about ``_CHUNK`` block products (rows of one matrix, or
+    whole small matrices of the batch); each chunk's GEMM (numpy BLAS, one thread) is followed
+    at once by the compiled rounding-and-sum pass (:func:`_round_sum`) while its products are
+    still in cache, and the chunks are shared among :func:`set_threads` threads.
     """
     B = x.fmt.block
-    wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
     dt, p = _block_float(x, w)
-    ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
+    ws, ew_max = _prepare_right(w, B, dt, p, G)  # (L, nb, B, N)
     sx = np.minimum(scale[..., None] - x.exp - ew_max, p)  # (..., M, nb), >= -G
-    sw = np.minimum(ew_max - we, p + G)  # (..., N, nb), >= 0
     lead = x.shape[:-2]
     M, N, nb = x.shape[-2], w.shape[-2], sx.shape[-1]
     L = int(np.prod(lead, dtype=np.int64))
-    # (L, nb, M, B) and (L, nb, B, N), contiguous, scaled exactly by powers of two
+    # (L, nb, M, B), contiguous, scaled exactly by powers of two
     xs = np.ldexp(x.blocks.astype(dt), -sx[..., None]).reshape(L, M, nb, B)
     xs = np.ascontiguousarray(xs.transpose(0, 2, 1, 3))
-    ws = np.ldexp(wm.astype(dt), -sw[..., None]).reshape(L, N, nb, B)
-    ws = np.ascontiguousarray(ws.transpose(0, 2, 3, 1))
-    out = np.empty((L, M, N), dtype=np.float64)
+    out = np.empty((L, M, N), dtype=np.int64)
+    if out.size == 0:
+        return out.reshape(lead + (M, N))
     per_row = max(nb * N, 1)
-    # copysign(1/2, t) as bits: t's sign bit or'ed into the bits of 1/2 (same result, faster)
-    ix = np.int32 if dt is np.float32 else np.int64
-    sign, half = ix(np.iinfo(ix).min), dt(0.5).view(ix)
+    if M * per_row <= _CHUNK:  # small matrices (attention heads): chunks of batch elements
+        step = max(1, _CHUNK // (M * per_row))
+        tasks = [(l0, min(l0 + step, L), 0, M) for l0 in range(0, L, step)]
+    else:
+        step = max(1, _CHUNK // per_row)
+        tasks = [(l, l + 1, m0, min(m0 + step, M)) for l in range(L) for m0 in range(0, M, step)]
+    round_sum = _round_sum()
+    if bias is None:
+        bm, be = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    else:
+        bm, be = bias.mant, bias.exp
+    sc = np.ascontiguousarray(np.broadcast_to(scale, lead + (M,)).reshape(L, M))
 
-    def reduce(t, dst, axis):  # dst = sum over the block axis of round(t)
-        h = np.bitwise_and(t.view(ix), sign)
-        h |= half
-        t += h.view(dt)
-        np.trunc(t, out=t)
-        t.sum(axis=axis, dtype=np.float64, out=dst)
+    def run(part):
+        buf = np.empty(0, dtype=dt)
+        for l0, l1, m0, m1 in part:
+            shape = (l1 - l0, nb, m1 - m0, N)
+            size = shape[0] * nb * shape[2] * N
+            if buf.size < size:
+                buf = np.empty(size, dtype=dt)
+            t = buf[:size].reshape(shape)
+            np.matmul(xs[l0:l1, :, m0:m1], ws[l0:l1], out=t)
+            round_sum(t, out[l0:l1, m0:m1], bm, be, sc[l0:l1, m0:m1])
 
+    threads = min(_THREADS, len(tasks))
     with _one_blas_thread():
-        if M * per_row <= _CHUNK:  # small matrices (attention heads): chunks of batch elements
-            step = max(1, _CHUNK // (M * per_row))
-            for l0 in range(0, L, step):
-                sl = slice(l0, l0 + step)
-                reduce(np.matmul(xs[sl], ws[sl]), out[sl], 1)
+        if threads <= 1:
+            run(tasks)
         else:
-            step = max(1, _CHUNK // per_row)
-            for l in range(L):
-                for m0 in range(0, M, step):
-                    sl = slice(m0, m0 + step)
-                    reduce(np.matmul(xs[l, :, sl], ws[l]), out[l, sl], 0)
-    return out.reshape(lead + (M, N)).astype(np.int64)
+            parts = [tasks[i::threads] for i in range(threads)]
+            for f in [_pool().submit(run, part) for part in parts]:
+                f.result()
+    return out.reshape(lead + (M, N))
 
 
 def matmul_pyint(
