@@ -23,12 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from bct.config import BlockFormat, ConfigError
-from bct.model.fixed import bit_length, round_half_away, round_half_away_float, round_shift
+from bct.model.fixed import (
+    bit_length, round_half_away, round_half_away_float, round_shift, round_shift_numpy,
+)
 
 __all__ = [
     "BlockTensor",
     "encode",
     "requantize",
+    "requantize_numpy",
     "reblock_transposed",
     "to_fixed",
     "shared_exponent",
@@ -260,7 +263,111 @@ def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
         rows had different scales; the block exponent is then the largest of the elements'
         smallest exponents).
     fmt : BlockFormat
+
+    Notes
+    -----
+    One compiled pass over the blocks (numba, :func:`_requantize_kernels`);
+    :func:`requantize_numpy` is the same definition in numpy passes (the tests' cross-check).
     """
+    y = np.asarray(y, dtype=np.int64)
+    yb = _blocked(y, fmt.block)
+    scale = np.asarray(scale, dtype=np.int64)
+    rows, elems = _requantize_kernels()
+    R = int(np.prod(yb.shape[:-2], dtype=np.int64))
+    y3 = np.ascontiguousarray(yb).reshape(R, yb.shape[-2], fmt.block)
+    q = np.empty(y3.shape, dtype=np.int64)
+    e = np.empty(y3.shape[:2], dtype=np.int64)
+    args = (fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits)
+    if scale.ndim == y.ndim and scale.ndim > 0 and scale.shape[-1] == y.shape[-1] != 1:
+        sb = np.ascontiguousarray(np.broadcast_to(scale, y.shape)).reshape(y3.shape)
+        elems(y3, sb, q, e, *args)
+    else:
+        s = np.ascontiguousarray(np.broadcast_to(scale, y.shape[:-1])).reshape(R)
+        rows(y3, s, q, e, *args)
+    return BlockTensor(q.reshape(y.shape), e.reshape(yb.shape[:-1]), fmt)
+
+
+_KERNELS = None
+
+
+def _requantize_kernels():
+    """The compiled blockifier (numba; compiled on first use, cached on disk): ``rows`` takes
+    one scale per row, ``elems`` one per element. Per block: the block max (or each element)
+    gives the smallest exponent by exact integer bit lengths (:func:`_min_shift`), clamped to
+    the format's range; then one rounding shift (the rule of :func:`bct.model.fixed.round_shift`)
+    and saturation to ``+-qmax``."""
+    global _KERNELS
+    if _KERNELS is None:
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def bitlen(v):  # int.bit_length of v >= 0, by halving the width
+            n = 0
+            for w in (32, 16, 8, 4, 2, 1):
+                if v >> w:
+                    v >>= w
+                    n += w
+            return n + (v > 0)
+
+        @numba.njit(nogil=True, cache=True)
+        def min_shift(m, qmax):
+            lim = 2 * qmax + 1
+            v = 2 * m
+            d = bitlen(v) - bitlen(lim)
+            if d >= 0:
+                fits = (v >> min(d, 62)) < lim
+            else:
+                fits = (v << min(-d, 62)) < lim
+            return d if fits else d + 1
+
+        @numba.njit(nogil=True, cache=True)
+        def shift_sat(x, sh, qmax):  # round_shift(x, sh) saturated to +-qmax
+            if sh <= 0:
+                v = x << -sh if sh > -64 else 0
+            elif sh > 62:
+                v = 0
+            else:
+                v = (x + (np.int64(1) << (sh - 1)) - (x < 0)) >> sh
+            return min(max(v, -qmax), qmax)
+
+        @numba.njit(nogil=True, cache=True)
+        def rows(y, s, q, e, qmax, e_min, e_max, bits):
+            R, nk, B = y.shape
+            for r in range(R):
+                for k in range(nk):
+                    m = 0
+                    for i in range(B):
+                        m = max(m, abs(y[r, k, i]))
+                    ek = e_min if m == 0 else s[r] + min_shift(m, qmax)
+                    ek = min(max(ek, e_min), e_max)
+                    e[r, k] = ek
+                    sh = max(ek - s[r], -(bits + 1))
+                    for i in range(B):
+                        q[r, k, i] = shift_sat(y[r, k, i], sh, qmax)
+
+        @numba.njit(nogil=True, cache=True)
+        def elems(y, sb, q, e, qmax, e_min, e_max, bits):
+            R, nk, B = y.shape
+            for r in range(R):
+                for k in range(nk):
+                    ek = e_min
+                    first = True
+                    for i in range(B):
+                        a = abs(y[r, k, i])
+                        c = e_min if a == 0 else sb[r, k, i] + min_shift(a, qmax)
+                        ek = c if first else max(ek, c)
+                        first = False
+                    ek = min(max(ek, e_min), e_max)
+                    e[r, k] = ek
+                    for i in range(B):
+                        q[r, k, i] = shift_sat(y[r, k, i], max(ek - sb[r, k, i], -(bits + 1)), qmax)
+
+        _KERNELS = rows, elems
+    return _KERNELS
+
+
+def requantize_numpy(y, scale, fmt: BlockFormat) -> BlockTensor:
+    """:func:`requantize` computed with numpy array passes (the cross-check of the tests)."""
     y = np.asarray(y, dtype=np.int64)
     yb = _blocked(y, fmt.block)
     scale = np.asarray(scale, dtype=np.int64)
@@ -269,13 +376,13 @@ def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
         a = np.abs(yb)
         e = np.where(a == 0, fmt.e_min, sb + _min_shift(a, fmt.qmax)).max(axis=-1)
         e = np.clip(e, fmt.e_min, fmt.e_max)
-        q = round_shift(yb, np.maximum(e[..., None] - sb, -(fmt.bits + 1)))
+        q = round_shift_numpy(yb, np.maximum(e[..., None] - sb, -(fmt.bits + 1)))
     else:
         s = np.broadcast_to(scale, y.shape[:-1])[..., None]
         m = np.abs(yb).max(axis=-1)
         e = np.where(m == 0, fmt.e_min, s + _min_shift(m, fmt.qmax))
         e = np.clip(e, fmt.e_min, fmt.e_max)
-        q = round_shift(yb, np.maximum(e - s, -(fmt.bits + 1))[..., None])
+        q = round_shift_numpy(yb, np.maximum(e - s, -(fmt.bits + 1))[..., None])
     q = np.clip(q, -fmt.qmax, fmt.qmax)
     return BlockTensor(q.reshape(y.shape), e, fmt)
 

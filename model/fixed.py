@@ -16,6 +16,7 @@ import numpy as np
 __all__ = [
     "round_shift",
     "round_shift_int",
+    "round_shift_numpy",
     "round_half_away",
     "round_half_away_float",
     "round_div",
@@ -42,7 +43,42 @@ def round_shift(x, s):
     Returns
     -------
     numpy.ndarray of int64
+
+    Notes
+    -----
+    One compiled pass (a numba ufunc, :func:`_round_shift_ufunc`); :func:`round_shift_numpy`
+    is the same rule in numpy passes (kept as a cross-check for the tests).
     """
+    x = np.asarray(x, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64)
+    return np.asarray(_round_shift_ufunc()(x, s))
+
+
+_UFUNC = None
+
+
+def _round_shift_ufunc():
+    """:func:`round_shift` on one element, as a numpy ufunc (numba; compiled on first use and
+    cached on disk): ``(x + 2**(s-1) - (x < 0)) >> s`` for ``1 <= s <= 62``, 0 for larger
+    ``s``, ``x << -s`` for ``s <= 0`` (0 for shifts of 64 or more, like numpy)."""
+    global _UFUNC
+    if _UFUNC is None:
+        import numba
+
+        @numba.vectorize(["int64(int64, int64)"], nopython=True, cache=True)
+        def round_shift_one(x, s):
+            if s <= 0:
+                return x << -s if s > -64 else 0
+            if s > _MAX_SHIFT:
+                return 0
+            return (x + (np.int64(1) << (s - 1)) - (x < 0)) >> s
+
+        _UFUNC = round_shift_one
+    return _UFUNC
+
+
+def round_shift_numpy(x, s):
+    """:func:`round_shift` computed with numpy array passes (the cross-check of the tests)."""
     x = np.asarray(x, dtype=np.int64)
     s = np.asarray(s, dtype=np.int64)
     if s.ndim == 0:  # fast scalar-shift path, the common case
