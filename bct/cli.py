@@ -28,6 +28,10 @@ def _parse_value(field: dataclasses.Field, text: str):
         return int(text)
     if field.type in ("float", float):
         return float(text)
+    if field.type in ("bool", bool):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(text)
+        return text.lower() == "true"
     return text
 
 

@@ -31,7 +31,7 @@ EXACT_FLOAT_BITS = 53
 
 #: Fields added after schema 1: :meth:`Config.to_dict` (hence :attr:`Config.hash`) leaves each
 #: out while it equals its default, so every config that does not use them keeps its hash.
-OPTIONAL_FIELDS = ("residual_bits",)
+OPTIONAL_FIELDS = ("residual_bits", "gelu_direct")
 
 
 class ConfigError(ValueError):
@@ -132,6 +132,10 @@ class Config:
         for; a multiple of ``block_size``.
     gelu_frac, gelu_int_bits : int
         Fixed-point fraction / integer bits of the GELU unit's input and output.
+    gelu_direct : bool
+        GELU reads the FFN1 matmul's accumulator directly (rounded to ``gelu_frac``) instead of
+        its activation blocks; default ``False``. Independent of ``residual_bits``; with both,
+        no non-matmul input is rounded to ``act_bits``.
     gelu_segments, gelu_table_range : int
         The GELU correction table: ``gelu_segments`` linear segments over ``[0, gelu_table_range)``
         (both powers of two).
@@ -172,6 +176,7 @@ class Config:
     max_reduction: int = 4096
     gelu_frac: int = 8
     gelu_int_bits: int = 8
+    gelu_direct: bool = False
     gelu_segments: int = 64
     gelu_table_range: int = 4
     softmax_frac: int = 8
@@ -220,6 +225,8 @@ class Config:
             )
         _check_int("gelu_frac", self.gelu_frac, 4, 16)
         _check_int("gelu_int_bits", self.gelu_int_bits, 3, 16)
+        if not isinstance(self.gelu_direct, bool):
+            raise ConfigError(f"gelu_direct must be a bool, not {type(self.gelu_direct).__name__}")
         _check_int("gelu_segments", self.gelu_segments, 4, 1024)
         _check_int("gelu_table_range", self.gelu_table_range, 1, 16)
         for name in ("gelu_segments", "gelu_table_range"):
@@ -323,10 +330,11 @@ class Config:
 
     @property
     def residual_guard_bits(self) -> int:
-        """Guard bits below the row's largest exponent when residual-format blocks are aligned
-        (the residual sums, LayerNorm's input): ``acc_guard_bits - (residual_bits - act_bits)``,
-        so an aligned residual row is no wider than an aligned activation row and every sum
-        stays within :attr:`add_bound` (equal to ``acc_guard_bits`` without the wide path)."""
+        """Guard bits a residual-format block at the top of its row keeps when the row is
+        aligned (the residual sums, LayerNorm's input; ``bct.model.integer.residual_add``):
+        ``acc_guard_bits - (residual_bits - act_bits)``, so an aligned residual row is no
+        wider than an aligned activation row and every sum stays within :attr:`add_bound`
+        (``acc_guard_bits`` without the wide path)."""
         return self.acc_guard_bits - (self.residual_format.bits - self.act_bits)
 
     @property

@@ -179,6 +179,10 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
             f"the layer accelerator does not support the wide residual path yet "
             f"(residual_bits={cfg.residual_bits}); only bct.model.integer runs it"
         )
+    if cfg.gelu_direct:  # the RTL's GELU reads activation blocks
+        raise ConfigError(
+            "the layer accelerator does not support gelu_direct yet; only bct.model.integer runs it"
+        )
     if qm is not None and len(qm.encoder) < shape.layers:
         raise ConfigError(f"the program runs {shape.layers} layers, the model has {len(qm.encoder)}")
     B = cfg.block_size

@@ -17,6 +17,19 @@ Three exact rewrites of the float graph, all done once at quantize time or by co
 
 Sequences are padded to a multiple of ``cfg.block_size`` tokens (masked keys). The classifier's
 outputs are padded to one block with zero rows.
+
+The wide residual path (``cfg.residual_bits`` set): the residual stream (``embed.sum``, each
+``attn_res`` / ``ffn_res`` and the residual copy of each LayerNorm output) is kept in
+``cfg.residual_format`` and aligned with ``cfg.residual_guard_bits`` (:func:`residual_add`);
+each LayerNorm output is rounded twice from its one fixed-point result
+(:func:`~bct.model.nonlinear.layernorm_wide`): to the activation format for the next matmuls
+(the usual stage name) and to the residual format (stage name + ``_wide``: ``embed.ln_wide``,
+``layer<i>.attn_ln_wide``, ``layer<i>.out_wide``). ``hidden`` and the pooled embedding are the
+residual copies. Every matmul operand stays in the activation format.
+
+``cfg.gelu_direct``: GELU reads the FFN1 accumulator (:func:`~bct.model.nonlinear.gelu_acc`);
+the ``ffn1`` stage (traced only) is then that accumulator in activation blocks, which no later
+stage reads.
 """
 
 from __future__ import annotations
@@ -30,10 +43,13 @@ from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode, reblock_transposed, requantize, to_fixed
 from bct.model.checkpoint import BertWeights, Encoding, named_parameters
 from bct.model.fixed import round_div, round_shift
-from bct.model.matmul import add, linear, matmul
-from bct.model.nonlinear import gelu, layernorm, softmax, tanh_fixed
+from bct.model.matmul import Fixed, add, linear, matmul
+from bct.model.nonlinear import gelu, gelu_acc, layernorm, layernorm_wide, softmax, tanh_fixed
 
-__all__ = ["QuantLayer", "QuantBert", "IntegerOutput", "quantize", "forward", "trace", "mean_pool"]
+__all__ = [
+    "QuantLayer", "QuantBert", "IntegerOutput", "quantize", "forward", "trace", "mean_pool",
+    "residual_add",
+]
 
 _MATRICES = ("q_w", "k_w", "v_w", "o_w", "ffn1_w", "ffn2_w")
 
@@ -178,7 +194,8 @@ class IntegerOutput:
     Attributes
     ----------
     hidden : BlockTensor
-        Last hidden state ``(B, T, H)`` (``T`` padded to a multiple of the block size).
+        Last hidden state ``(B, T, H)`` (``T`` padded to a multiple of the block size); in
+        ``cfg.residual_format`` (the activation format unless ``cfg.residual_bits`` is set).
     embedding : numpy.ndarray
         Masked mean of ``hidden`` over tokens, decoded to float64 ``(B, H)``.
     logits : numpy.ndarray or None
@@ -251,19 +268,29 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
     def lin(x, w, b):
         return unrows(linear(rows(x), w, cfg, b))
 
+    wide = cfg.residual_bits is not None
+    rf = cfg.residual_format  # == af unless wide
+
     def residual(a, b):
+        if wide:
+            return requantize(*residual_add(a, b, cfg=cfg), rf)
         return requantize(*add(a, b, cfg=cfg), af)
 
-    def norm(x, g, b):
-        return layernorm(add(x, cfg=cfg), g, b, cfg)
+    def norm(name, x, g, b):  # -> (matmul operand, residual copy)
+        if wide:
+            y, yr = layernorm_wide(residual_add(x, cfg=cfg), g, b, cfg)
+            keep(name + "_wide", yr)
+            return keep(name, y), yr
+        y = keep(name, layernorm(add(x, cfg=cfg), g, b, cfg))
+        return y, y
 
     pos = qm.pos_emb[np.arange(T)]
     word, typ = qm.word_emb[ids], qm.type_emb[tt]
     pos = BlockTensor(
         np.broadcast_to(pos.mant, word.shape).copy(), np.broadcast_to(pos.exp, word.exp.shape).copy(), pos.fmt
     )
-    x = keep("embed.sum", requantize(*add(word, pos, typ, cfg=cfg), af))
-    x = keep("embed.ln", norm(x, qm.emb_ln_g, qm.emb_ln_b))
+    x = keep("embed.sum", requantize(*add(word, pos, typ, cfg=cfg), rf))
+    x, xr = norm("embed.ln", x, qm.emb_ln_g, qm.emb_ln_b)
     key_mask = mask[:, None, None, :]  # (B, 1, 1, T)
     for i, lw in enumerate(qm.encoder):
         p = f"layer{i}."
@@ -279,15 +306,21 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
         ctx = requantize(*matmul(probs, vt, cfg), af)  # (B, A, T, d)
         ctx = keep(p + "context", _merge_heads(ctx))
         attn_out = keep(p + "attn_out", lin(ctx, lw.o_w, lw.o_b))
-        attn_res = keep(p + "attn_res", residual(attn_out, x))
-        h = keep(p + "attn_ln", norm(attn_res, lw.attn_ln_g, lw.attn_ln_b))
-        f1 = keep(p + "ffn1", lin(h, lw.ffn1_w, lw.ffn1_b))
-        g = keep(p + "gelu", gelu(f1, cfg))
+        attn_res = keep(p + "attn_res", residual(attn_out, xr))
+        h, hr = norm(p + "attn_ln", attn_res, lw.attn_ln_g, lw.attn_ln_b)
+        if cfg.gelu_direct:
+            acc = matmul(rows(h), lw.ffn1_w, cfg, lw.ffn1_b)
+            if trace:
+                keep(p + "ffn1", unrows(requantize(*acc, af)))
+            g = keep(p + "gelu", unrows(gelu_acc(acc, cfg)))
+        else:
+            f1 = keep(p + "ffn1", lin(h, lw.ffn1_w, lw.ffn1_b))
+            g = keep(p + "gelu", gelu(f1, cfg))
         f2 = keep(p + "ffn2", lin(g, lw.ffn2_w, lw.ffn2_b))
-        res = keep(p + "ffn_res", residual(f2, h))
-        x = keep(p + "out", norm(res, lw.out_ln_g, lw.out_ln_b))
-    keep("hidden", x)
-    emb = keep("embedding", mean_pool(x, mask, cfg))
+        res = keep(p + "ffn_res", residual(f2, hr))
+        x, xr = norm(p + "out", res, lw.out_ln_g, lw.out_ln_b)
+    keep("hidden", xr)
+    emb = keep("embedding", mean_pool(xr, mask, cfg))
     logits = None
     if qm.pooler_w is not None:
         cls = x[:, 0]  # (B, H)
@@ -301,7 +334,7 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
             keep("logits", out)
             logits = np.ldexp(out.value.astype(np.float64), out.scale[:, None])[:, : qm.num_labels]
     return IntegerOutput(
-        hidden=x,
+        hidden=xr,
         embedding=emb.decode(),
         logits=logits,
         stages=stages if trace else None,
@@ -324,9 +357,50 @@ def _merge_heads(t: BlockTensor) -> BlockTensor:
     return BlockTensor(mant, exp, t.fmt)
 
 
+def residual_add(*terms: BlockTensor, cfg: Config) -> Fixed:
+    """Sum of residual-stream terms on the wide path, aligned by magnitude.
+
+    Like :func:`~bct.model.matmul.add` (which it equals when ``residual_bits == act_bits``),
+    but operands may be in ``cfg.residual_format``. A block's top bit is ``e + bits - 1``, so
+    the row's scale is ``max(e + bits - act_bits) - acc_guard_bits`` over every block of every
+    term (``bits`` its term's width) and each term becomes ``round_shift(q, scale - e)``: the
+    row keeps ``act_bits - 1 + acc_guard_bits`` bits below its top bit, as ``add`` does. A
+    residual term is then at most ``qmax_r * 2**g``, ``g = cfg.residual_guard_bits =
+    acc_guard_bits - (residual_bits - act_bits) >= 0``, an activation term at most
+    ``qmax_a * 2**acc_guard_bits``; both are below ``2**(act_bits - 1 + acc_guard_bits)``, so
+    the sum of one of each stays within ``Config.add_bound`` and LayerNorm reads it at today's
+    width. (Aligning to the largest raw exponent instead would round a wide residual to the
+    grid of a narrow term whose exponent is larger though its values are smaller.)
+
+    Parameters
+    ----------
+    *terms : BlockTensor
+        One or two tensors of one shape, each in the activation or the residual format.
+
+    Returns
+    -------
+    Fixed
+    """
+    if not 1 <= len(terms) <= 2:
+        raise ValueError(f"residual_add takes 1 or 2 terms, not {len(terms)}")
+    first = terms[0]
+    for t in terms:
+        if t.shape != first.shape:
+            raise ValueError(f"cannot add {first.shape} and {t.shape}")
+        if t.fmt not in (cfg.act_format, cfg.residual_format):
+            raise ConfigError(
+                f"residual operand format {t.fmt} is neither the activation nor the residual format")
+    top = np.max([t.exp.max(axis=-1) + (t.fmt.bits - cfg.act_bits) for t in terms], axis=0)
+    scale = (top - cfg.acc_guard_bits).astype(np.int64)
+    s = scale[..., None, None]
+    value = sum(round_shift(t.blocks, s - t.exp[..., None]) for t in terms)
+    return Fixed(value.reshape(first.shape), scale)
+
+
 def mean_pool(x: BlockTensor, mask: np.ndarray, cfg: Config) -> BlockTensor:
     """Masked mean over tokens, integer-only: align every token's blocks to the largest exponent
-    of the sequence minus the guard bits, sum, divide by the token count (RHAZ), re-encode."""
+    of the sequence minus the guard bits, sum, divide by the token count (RHAZ), re-encode to
+    ``x``'s format (the residual format on the wide path)."""
     nb, T, H = x.shape
     e = np.where(mask[:, :, None], x.exp, np.iinfo(np.int64).min // 2)
     scale = e.max(axis=(1, 2)) - cfg.acc_guard_bits  # (B,)
@@ -334,7 +408,9 @@ def mean_pool(x: BlockTensor, mask: np.ndarray, cfg: Config) -> BlockTensor:
     terms = np.where(mask[:, :, None, None], round_shift(x.blocks, s), 0)
     total = terms.sum(axis=1).reshape(nb, H)
     count = mask.sum(axis=1)[:, None]
-    return requantize(round_div(total, np.maximum(count, 1)), scale, cfg.act_format)
+    if x.fmt not in (cfg.act_format, cfg.residual_format):
+        raise ConfigError(f"mean_pool operand format {x.fmt} is neither the activation nor the residual format")
+    return requantize(round_div(total, np.maximum(count, 1)), scale, x.fmt)
 
 
 def trace(qm: QuantBert, enc: Encoding) -> dict:

@@ -20,12 +20,15 @@ from bct.model.matmul import Fixed
 __all__ = [
     "gelu_fixed",
     "gelu",
+    "gelu_acc",
+    "fixed_to_frac",
     "softmax_fixed",
     "softmax",
     "tanh_fixed",
     "layernorm_fixed",
     "layernorm_affine",
     "layernorm",
+    "layernorm_wide",
 ]
 
 
@@ -75,6 +78,31 @@ def gelu(t: BlockTensor, cfg: Config) -> BlockTensor:
     """GELU of an activation tensor in block format, re-encoded to block format."""
     x = to_fixed(t, cfg.gelu_frac, cfg.gelu_bits)
     return requantize(gelu_fixed(x, cfg), -cfg.gelu_frac, cfg.act_format)
+
+
+def fixed_to_frac(x: Fixed, frac: int, bits: int) -> np.ndarray:
+    """Fixed-point rows (``value * 2**scale``, e.g. a matmul accumulator) to ``frac`` fraction
+    bits, rounded with the project's rule and saturated to signed ``bits`` bits.
+
+    A left shift saturates every element above ``lim >> k`` (``lim = 2**(bits-1) - 1``), so it
+    is decided before shifting and int64 never wraps, whatever the accumulator's width.
+    """
+    lim = (1 << (bits - 1)) - 1
+    v = np.asarray(x.value, dtype=np.int64)
+    s = np.broadcast_to(-(np.asarray(x.scale, dtype=np.int64)[..., None] + frac), v.shape)
+    k = np.clip(-s, 0, bits)  # the left shift; beyond bits every non-zero value saturates
+    room = np.right_shift(lim, k)
+    left = np.where(np.abs(v) <= room, np.left_shift(np.clip(v, -room, room), k), np.sign(v) * lim)
+    out = np.where(s > 0, round_shift(v, np.maximum(s, 1)), left)
+    return np.clip(out, -lim, lim)
+
+
+def gelu_acc(x: Fixed, cfg: Config) -> BlockTensor:
+    """GELU read straight from a matmul accumulator (``Config.gelu_direct``): the FFN1 output
+    rounded once to ``cfg.gelu_frac`` (not first to activation blocks), re-encoded to block
+    format."""
+    v = fixed_to_frac(x, cfg.gelu_frac, cfg.gelu_bits)
+    return requantize(gelu_fixed(v, cfg), -cfg.gelu_frac, cfg.act_format)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,13 +228,33 @@ def layernorm_affine(y, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> n
     return np.clip(g + b, -lim, lim).reshape(y.shape)
 
 
-def layernorm(x: Fixed, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> BlockTensor:
-    """LayerNorm of fixed-point rows with block-format ``gamma`` / ``beta`` (vector format),
-    re-encoded to the activation block format."""
+def _layernorm_out(x: Fixed, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> np.ndarray:
+    """The LayerNorm output in fixed point (``cfg.ln_out_frac`` fraction bits)."""
     N = x.value.shape[-1]
     for name, p in (("gamma", gamma), ("beta", beta)):
         if p.shape != (N,) or p.fmt != cfg.vector_format:
             raise ValueError(f"LayerNorm {name} must be a ({N},) tensor in the vector format")
-    y = layernorm_fixed(x, cfg)
-    return requantize(layernorm_affine(y, gamma, beta, cfg), -cfg.ln_out_frac, cfg.act_format)
+    return layernorm_affine(layernorm_fixed(x, cfg), gamma, beta, cfg)
+
+
+def layernorm(x: Fixed, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> BlockTensor:
+    """LayerNorm of fixed-point rows with block-format ``gamma`` / ``beta`` (vector format),
+    re-encoded to the activation block format."""
+    return requantize(_layernorm_out(x, gamma, beta, cfg), -cfg.ln_out_frac, cfg.act_format)
+
+
+def layernorm_wide(x: Fixed, gamma: BlockTensor, beta: BlockTensor,
+                   cfg: Config) -> tuple[BlockTensor, BlockTensor]:
+    """LayerNorm for the wide residual path (``cfg.residual_bits``): the one fixed-point output
+    re-encoded twice, to the activation format (the next matmuls' operand, equal to
+    :func:`layernorm`) and to ``cfg.residual_format`` (the residual stream's copy).
+
+    Returns
+    -------
+    tuple of BlockTensor
+        ``(activation copy, residual copy)``.
+    """
+    y = _layernorm_out(x, gamma, beta, cfg)
+    return (requantize(y, -cfg.ln_out_frac, cfg.act_format),
+            requantize(y, -cfg.ln_out_frac, cfg.residual_format))
 

@@ -19,6 +19,12 @@ Modes (``--mode``):
     Every knob on except ``--without K1,K2``: what a change of the integer model (e.g. wider
     intermediates that are no matmul operand) would buy before it is built.
 
+With ``--set residual_bits=N`` (the wide residual path) the stand-in keeps the residual sums,
+the embedding sum, the LayerNorm outputs' residual copies and the embedding in
+``Config.residual_format``, rounds LayerNorm's and the residual adder's inputs to the row grid
+of ``bct.model.integer.residual_add``, and feeds the matmuls the activation-format copies; with
+``--set gelu_direct=true`` it leaves ``act.ffn1`` off.
+
 ``--perm data|weights`` permutes the hidden channels of every weight, table and LayerNorm
 vector before quantising (exact in float; outlier channels then share blocks): by the largest
 normalised |value| over the residual / LayerNorm stages of 64 STS-B *train* sentences, or by
@@ -150,6 +156,8 @@ class FakeQuant:
         if unknown:
             raise ValueError(f"unknown knob(s): {sorted(unknown)}")
         self.w, self.cfg, self.knobs, self.dtype = weights, cfg, set(knobs), dtype
+        if cfg.gelu_direct:  # GELU reads the FFN1 accumulator: no activation blocks there
+            self.knobs.discard("act.ffn1")
         wf, vf = cfg.weight_format, cfg.vector_format
         s = 1.0 / math.sqrt(weights.head_dim)
 
@@ -175,15 +183,43 @@ class FakeQuant:
         self.word, self.pos, self.type = emb(weights.word_emb), emb(weights.pos_emb), emb(weights.type_emb)
         self.emb_ln = (vec(weights.emb_ln_g, "vec.ln"), vec(weights.emb_ln_b, "vec.ln"))
 
-    def act(self, kind: str, x: np.ndarray) -> np.ndarray:
-        """``x`` through the activation format (blocks along the last axis) if switched on."""
+    def act(self, kind: str, x: np.ndarray, fmt=None) -> np.ndarray:
+        """``x`` through the activation format (or ``fmt``; blocks along the last axis) if
+        switched on."""
         if f"act.{kind}" not in self.knobs:
             return x
+        fmt = fmt or self.cfg.act_format
         B, n = self.cfg.block_size, x.shape[-1]
         if n % B:  # token axes: zero padding changes no block maximum
             pad = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -n % B)])
-            return encode(pad, self.cfg.act_format).decode()[..., :n]
-        return encode(x, self.cfg.act_format).decode()
+            return encode(pad, fmt).decode()[..., :n]
+        return encode(x, fmt).decode()
+
+    @property
+    def wide(self) -> bool:
+        """The wide residual path (``Config.residual_bits``) is on."""
+        return self.cfg.residual_bits is not None
+
+    def res(self, kind: str, a, xr) -> np.ndarray:
+        """A residual sum (``a`` a matmul output, ``xr`` the residual copy) in the residual
+        format. On the wide path each term is first rounded to the row's grid as the integer
+        model aligns it (:func:`bct.model.integer.residual_add`)."""
+        cfg = self.cfg
+        if not self.wide:
+            return self.act(kind, a + xr)
+        a, xr = self.align((a, cfg.act_format), (xr, cfg.residual_format))
+        return self.act(kind, a + xr, cfg.residual_format)
+
+    def align(self, *terms):
+        """Each ``(values, format)`` term rounded (half away from zero) to its row's grid
+        ``2**(max(e + bits - act_bits) - acc_guard_bits)`` (``e`` each block's exponent in its
+        term's format)."""
+        cfg = self.cfg
+        if "unit.ln" not in self.knobs:  # the alignment is part of the LN / adder unit model
+            return [t for t, _ in terms]
+        top = np.max([encode(t, f).exp.max(-1) + f.bits - cfg.act_bits for t, f in terms], axis=0)
+        step = np.ldexp(1.0, top - cfg.acc_guard_bits)[..., None]
+        return [np.trunc(t / step + np.copysign(0.5, t)) * step for t, _ in terms]
 
     def mm(self, a, b):
         """``a @ b`` in :attr:`dtype`, returned as float64."""
@@ -192,7 +228,10 @@ class FakeQuant:
         return (a.astype(self.dtype) @ b.astype(self.dtype)).astype(np.float64)
 
     def ln(self, x, g, b, kind):
+        """LayerNorm; on the wide path ``(act copy, residual copy)``."""
         cfg = self.cfg
+        if self.wide:
+            (x,) = self.align((x, cfg.residual_format))
         mean = x.mean(-1, keepdims=True)
         c = x - mean
         y = c / np.sqrt((c * c).mean(-1, keepdims=True) + self.w.layer_norm_eps)
@@ -202,6 +241,8 @@ class FakeQuant:
             y = np.clip(grid(grid(y, cfg.ln_frac) * g, cfg.ln_out_frac) + grid(b, cfg.ln_out_frac), -lim, lim)
         else:
             y = y * g + b
+        if self.wide:
+            return self.act(kind, y), self.act(kind, y, cfg.residual_format)
         return self.act(kind, y)
 
     def gelu(self, x):
@@ -229,8 +270,10 @@ class FakeQuant:
         mask = mask.astype(bool)
         T = ids.shape[1]
         nb, A, d = ids.shape[0], self.w.heads, self.w.head_dim
-        x = self.act("embed.sum", self.word[ids] + self.pos[np.arange(T)] + self.type[tt])
+        x = self.word[ids] + self.pos[np.arange(T)] + self.type[tt]
+        x = self.act("embed.sum", x, self.cfg.residual_format if self.wide else None)
         x = self.ln(x, *self.emb_ln, "embed.ln")
+        x, xr = x if self.wide else (x, x)  # matmul operand, residual copy
         key_mask = mask[:, None, None, :]
         heads = lambda y: y.reshape(nb, T, A, d).transpose(0, 2, 1, 3)  # noqa: E731
         for lw in self.layers:
@@ -243,12 +286,15 @@ class FakeQuant:
             ctx = self.act("context", self.mm(p, vt.transpose(0, 1, 3, 2)))  # blocked along d
             ctx = ctx.transpose(0, 2, 1, 3).reshape(nb, T, A * d)
             a = self.act("attn_out", self.mm(ctx, lw["o_w"]) + lw["o_b"])
-            h = self.ln(self.act("attn_res", a + x), lw["attn_ln_g"], lw["attn_ln_b"], "attn_ln")
+            h = self.ln(self.res("attn_res", a, xr), lw["attn_ln_g"], lw["attn_ln_b"], "attn_ln")
+            h, hr = h if self.wide else (h, h)
             f1 = self.act("ffn1", self.mm(h, lw["ffn1_w"]) + lw["ffn1_b"])
             f2 = self.act("ffn2", self.mm(self.gelu(f1), lw["ffn2_w"]) + lw["ffn2_b"])
-            x = self.ln(self.act("ffn_res", f2 + h), lw["out_ln_g"], lw["out_ln_b"], "out")
+            x = self.ln(self.res("ffn_res", f2, hr), lw["out_ln_g"], lw["out_ln_b"], "out")
+            x, xr = x if self.wide else (x, x)
         m = mask[:, :, None]
-        return self.act("embedding", (x * m).sum(1) / np.maximum(m.sum(1), 1))
+        return self.act("embedding", (xr * m).sum(1) / np.maximum(m.sum(1), 1),
+                        self.cfg.residual_format if self.wide else None)
 
 
 # ------------------------------------------------------------------------------------------------

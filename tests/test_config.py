@@ -75,6 +75,7 @@ def test_check_hash_refuses_mismatch():
         ({"residual_bits": 13, "acc_guard_bits": 4}, "residual_bits must be in 8..12, not 13"),
         ({"residual_bits": 11, "act_bits": 12}, "residual_bits must be in 12..16, not 11"),
         ({"residual_bits": 16.0}, "residual_bits must be an int, not float"),
+        ({"gelu_direct": 1}, "gelu_direct must be a bool, not int"),
     ],
 )
 def test_config_errors(kw, message):
@@ -115,7 +116,7 @@ OLD_HASHES = [
 def test_new_field_at_its_default_keeps_existing_hashes(kw, digest):
     c = Config(**kw)
     assert c.hash == digest
-    assert "residual_bits" not in c.to_dict()
+    assert "residual_bits" not in c.to_dict() and "gelu_direct" not in c.to_dict()
     assert Config.from_dict(c.to_dict()) == c
 
 
@@ -138,3 +139,10 @@ def test_residual_format_and_guard_bits():
         # an aligned residual row (one activation + one residual term) fits LayerNorm's input
         assert w.residual_guard_bits == w.acc_guard_bits - (w.residual_bits - 8)
         assert (qa + qr) << g <= w.add_bound
+
+
+def test_gelu_direct_is_hashed_when_set():
+    c = Config(gelu_direct=True)
+    assert c.to_dict()["gelu_direct"] is True and c.hash != Config().hash
+    assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert Config(gelu_direct=True, residual_bits=16).hash not in (c.hash, Config(residual_bits=16).hash)

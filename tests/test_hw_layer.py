@@ -111,6 +111,8 @@ def test_program_refuses_the_wide_residual_path():
     with pytest.raises(ConfigError, match=r"the layer accelerator does not support the wide "
                                           r"residual path yet \(residual_bits=16\)"):
         build_program(Config(residual_bits=16), shape)
+    with pytest.raises(ConfigError, match="the layer accelerator does not support gelu_direct yet"):
+        build_program(Config(gelu_direct=True), shape)
     assert build_program(Config(), shape).cfg == Config()
 
 

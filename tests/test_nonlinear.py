@@ -10,11 +10,15 @@ from bct.model.blocks import encode
 from bct.model.constants import LOG2E_FRAC, derive
 from bct.model.fixed import round_div_int, round_shift_int
 from bct.model.matmul import Fixed
+from bct.model.blocks import requantize, to_fixed
 from bct.model.nonlinear import (
+    fixed_to_frac,
     gelu,
+    gelu_acc,
     gelu_fixed,
     layernorm,
     layernorm_fixed,
+    layernorm_wide,
     softmax,
     softmax_fixed,
     tanh_fixed,
@@ -208,3 +212,50 @@ def test_tanh_error_and_symmetry():
     err = np.abs(y / (1 << CFG.softmax_out_frac) - np.tanh(x / one)).max()
     assert err <= 1 / 1024
     assert tanh_fixed(np.array([0, 10**9]), CFG).tolist() == [0, 1 << CFG.softmax_out_frac]
+
+
+def test_layernorm_wide_gives_the_activation_copy_and_a_residual_copy():
+    cfg = Config(residual_bits=16, ln_out_frac=12)
+    rng = np.random.default_rng(3)
+    v = np.round(rng.standard_normal((4, 64)) * 3000).astype(np.int64)
+    v[1, 5] = cfg.add_bound  # an outlier feature
+    x = Fixed(v, np.full(4, -8))
+    gamma = encode(rng.uniform(0.2, 2, 64), cfg.vector_format)
+    beta = encode(rng.uniform(-1, 1, 64), cfg.vector_format)
+    a, r = layernorm_wide(x, gamma, beta, cfg)
+    assert a == layernorm(x, gamma, beta, cfg) and a.fmt == cfg.act_format
+    assert r.fmt == cfg.residual_format and r.fmt.bits == 16
+    r.check()
+    # one fixed-point result, rounded to each format: the residual copy is the finer one
+    exact = np.ldexp(layernorm_fixed(x, cfg).astype(float), -cfg.ln_frac) * gamma.decode() + beta.decode()
+    assert np.abs(r.decode() - exact).max() < np.abs(a.decode() - exact).max() / 16
+
+
+def fixed_to_frac_scalar(v: int, scale: int, frac: int, bits: int) -> int:
+    lim = (1 << (bits - 1)) - 1
+    return max(-lim, min(lim, round_shift_int(v, -(scale + frac))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(1 << 40), 1 << 40), st.integers(-60, 30), st.sampled_from([(8, 17), (12, 21), (16, 33)]))
+def test_fixed_to_frac_matches_python_ints(v, scale, fb):
+    frac, bits = fb
+    got = fixed_to_frac(Fixed(np.array([[v]], dtype=np.int64), np.array([scale])), frac, bits)
+    assert int(got[0, 0]) == fixed_to_frac_scalar(v, scale, frac, bits)
+
+
+def test_gelu_acc_reads_the_accumulator_once():
+    cfg = Config(gelu_frac=12)
+    rng = np.random.default_rng(4)
+    acc = Fixed(rng.integers(-(1 << 30), 1 << 30, size=(3, 64)), np.array([-30, -28, -27]))  # |x| < 8
+    out = gelu_acc(acc, cfg)
+    want = requantize(gelu_fixed(fixed_to_frac(acc, 12, cfg.gelu_bits), cfg), -12, cfg.act_format)
+    assert out == want and out.fmt == cfg.act_format
+    # closer to float GELU than rounding the accumulator to activation blocks first
+    x = np.ldexp(acc.value.astype(float), acc.scale[:, None])
+    ref = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    blocks = requantize(acc.value, acc.scale, cfg.act_format)  # what gelu() reads without it
+    via_blocks = gelu_fixed(to_fixed(blocks, 12, cfg.gelu_bits), cfg)
+    direct = gelu_fixed(fixed_to_frac(acc, 12, cfg.gelu_bits), cfg)
+    err = lambda y: np.abs(np.ldexp(y.astype(float), -12) - ref).max()  # noqa: E731
+    assert err(direct) < err(via_blocks) / 4
