@@ -191,9 +191,10 @@ class _ECP5Platform:
     """
 
     @staticmethod
-    def registered_multiplier(m, a, b, out, en):
+    def registered_multiplier(m, a, b, out, en, clear=0):
         """``out`` = ``a * b`` two enabled clock edges later (operand and product registers
-        in the DSP block); ``a``, ``b`` signed, at most 18 bits."""
+        in the DSP block), or 0 when ``clear`` was high at the second edge (the product
+        register's synchronous reset); ``a``, ``b`` signed, at most 18 bits."""
         from amaranth import Cat, ClockSignal, Instance, Signal, Value
 
         a, b = Value.cast(a), Value.cast(b)
@@ -208,11 +209,11 @@ class _ECP5Platform:
             "MULT18X18D",
             p_REG_INPUTA_CLK="CLK0", p_REG_INPUTA_CE="CE0", p_REG_INPUTA_RST="RST0",
             p_REG_INPUTB_CLK="CLK0", p_REG_INPUTB_CE="CE0", p_REG_INPUTB_RST="RST0",
-            p_REG_OUTPUT_CLK="CLK0", p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST0",
+            p_REG_OUTPUT_CLK="CLK0", p_REG_OUTPUT_CE="CE0", p_REG_OUTPUT_RST="RST1",
             p_GSR="DISABLED", p_MULT_BYPASS="DISABLED", p_RESETMODE="SYNC",
             p_SOURCEB_MODE="B_SHIFT", p_CLK0_DIV="ENABLED",
             i_SIGNEDA=1, i_SIGNEDB=1, i_SOURCEA=0, i_SOURCEB=0,
-            i_CLK0=ClockSignal("sync"), i_CE0=en, i_RST0=0,
+            i_CLK0=ClockSignal("sync"), i_CE0=en, i_RST0=0, i_RST1=clear,
             **ports)
         m.d.comb += out.eq(P[:len(out)])
 

@@ -228,9 +228,9 @@ class MatmulArray(wiring.Component):
 
         # Stage 0: input registers (broadcast along rows / columns from here). They sample the
         # payloads on every cycle (no enable: ``take``, which depends on the input valids,
-        # reaches only a few flags); ``s0_valid`` says when they hold a beat. The product of a
-        # cycle without a beat is dropped at the block accumulate (a per-PE copy of the valid
-        # flag), so the stages in between need no enable either.
+        # reaches only a few flags); ``s0_valid`` says when they hold a beat. The product
+        # register of a cycle without a beat is cleared (a per-PE copy of the bubble flag at
+        # its synchronous reset), so the block product adds 0 and needs no enable either.
         s0_valid = Signal()
         s0_act = Signal.like(self.act.payload, reset_less=True)
         s0_wgt = Signal.like(self.weight.payload, reset_less=True)
@@ -249,10 +249,10 @@ class MatmulArray(wiring.Component):
         # copies carry REPLICA_ATTR so that synthesis keeps them apart (bct.synth).
         replica = {REPLICA_ATTR: 1}
 
-        def spread(flag, name):
+        def spread(flag, name, init=0):
             """Per-PE copies of ``flag``, two cycles later."""
-            rows = [Signal(name=f"{name}_r{r}", attrs=replica) for r in range(R)]
-            pes = [[Signal(name=f"{name}_{r}_{c}", attrs=replica) for c in range(C)]
+            rows = [Signal(name=f"{name}_r{r}", attrs=replica, init=init) for r in range(R)]
+            pes = [[Signal(name=f"{name}_{r}_{c}", attrs=replica, init=init) for c in range(C)]
                    for r in range(R)]
             for r in range(R):
                 m.d.sync += rows[r].eq(flag)
@@ -260,8 +260,9 @@ class MatmulArray(wiring.Component):
             return pes
 
         # Stage 1: one product per PE, two register stages (operands, product): one DSP block
-        # with its input and output registers. A synthesis platform may provide
-        # ``registered_multiplier(m, a, b, out, en)`` (called with ``en = 1``) that
+        # with its input and output registers, the product register cleared (synchronous
+        # reset) when the operands came from a bubble. A synthesis platform may provide
+        # ``registered_multiplier(m, a, b, out, en, clear)`` (called with ``en = 1``) that
         # instantiates the device's DSP primitive with exactly these two registers (bct.synth
         # does for ECP5, whose Yosys flow does not pack registers into MULT18X18D); otherwise
         # it is inferred.
@@ -275,14 +276,16 @@ class MatmulArray(wiring.Component):
         with m.If(s0_valid):
             m.d.sync += [sm_last.eq(s0_act.last), sm_ashift.eq(s0_act.shift),
                          sm_wshift.eq(s0_wgt.shift)]
+        bubble_pe = spread(~take, "bubble", init=1)  # the operand registers hold a bubble
         for r in range(R):
             for c in range(C):
                 if hook is not None:
-                    hook(m, s0_act.x[r], s0_wgt.w[c], mul[r][c], 1)
+                    hook(m, s0_act.x[r], s0_wgt.w[c], mul[r][c], 1, bubble_pe[r][c])
                     continue
                 xa = Signal.like(s0_act.x[r], name=f"xa_{r}_{c}", reset_less=True)
                 wb = Signal.like(s0_wgt.w[c], name=f"wb_{r}_{c}", reset_less=True)
-                m.d.sync += [xa.eq(s0_act.x[r]), wb.eq(s0_wgt.w[c]), mul[r][c].eq(xa * wb)]
+                m.d.sync += [xa.eq(s0_act.x[r]), wb.eq(s0_wgt.w[c]),
+                             mul[r][c].eq(Mux(bubble_pe[r][c], 0, xa * wb))]
         s1_block_last, s1_last = Signal(), Signal()
         s1_ashift = Signal.like(s0_act.shift, reset_less=True)
         s1_wshift = Signal.like(s0_wgt.shift, reset_less=True)
@@ -299,12 +302,10 @@ class MatmulArray(wiring.Component):
         s2_done, s2_last = Signal(), Signal()  # prod holds a finished K-block
         m.d.sync += s2_done.eq(s1_block_last)
         first_pe = spread(s0_first, "first")  # the block's first product is in mul
-        valid_pe = spread(s0_valid, "valid")  # mul holds a beat's product (not a bubble's)
         block_last_pe = spread(s0_block_last, "blast")  # = s1_block_last, per PE
         for r in range(R):
             for c in range(C):
-                m.d.sync += prod[r][c].eq(Mux(first_pe[r][c], 0, prod[r][c])
-                                          + Mux(valid_pe[r][c], mul[r][c], 0))
+                m.d.sync += prod[r][c].eq(Mux(first_pe[r][c], 0, prod[r][c]) + mul[r][c])
                 with m.If(block_last_pe[r][c]):
                     m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
         with m.If(s1_block_last):
