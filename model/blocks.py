@@ -24,7 +24,7 @@ import numpy as np
 
 from bct.config import BlockFormat, ConfigError
 from bct.model.fixed import (
-    bit_length, round_half_away, round_half_away_float, round_shift, round_shift_numpy,
+    bit_length, round_half_away, round_half_away_float, round_shift_numpy,
 )
 
 __all__ = [
@@ -272,7 +272,7 @@ def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
     y = np.asarray(y, dtype=np.int64)
     yb = _blocked(y, fmt.block)
     scale = np.asarray(scale, dtype=np.int64)
-    rows, elems = _requantize_kernels()
+    rows, elems, _ = _requantize_kernels()
     R = int(np.prod(yb.shape[:-2], dtype=np.int64))
     y3 = np.ascontiguousarray(yb).reshape(R, yb.shape[-2], fmt.block)
     q = np.empty(y3.shape, dtype=np.int64)
@@ -295,7 +295,8 @@ def _requantize_kernels():
     one scale per row, ``elems`` one per element. Per block: the block max (or each element)
     gives the smallest exponent by exact integer bit lengths (:func:`_min_shift`), clamped to
     the format's range; then one rounding shift (the rule of :func:`bct.model.fixed.round_shift`)
-    and saturation to ``+-qmax``."""
+    and saturation to ``+-qmax``. ``shift_rows`` is that shift and saturation alone, one shift
+    per block (:func:`to_fixed`)."""
     global _KERNELS
     if _KERNELS is None:
         import numba
@@ -362,7 +363,14 @@ def _requantize_kernels():
                     for i in range(B):
                         q[r, k, i] = shift_sat(y[r, k, i], max(ek - sb[r, k, i], -(bits + 1)), qmax)
 
-        _KERNELS = rows, elems
+        @numba.njit(nogil=True, cache=True)
+        def shift_rows(x, sh, qmax, out):  # out[r] = round_shift(x[r], sh[r]) saturated
+            R, B = x.shape
+            for r in range(R):
+                for i in range(B):
+                    out[r, i] = shift_sat(x[r, i], sh[r], qmax)
+
+        _KERNELS = rows, elems, shift_rows
     return _KERNELS
 
 
@@ -405,6 +413,9 @@ def to_fixed(t: BlockTensor, frac: int, bits: int) -> np.ndarray:
     ``exp >= -frac``. (A left shift past ``bits`` saturates any non-zero lane, so it is clamped
     there: int64 never wraps.)
     """
-    x = round_shift(t.blocks, np.maximum(-(t.exp[..., None] + frac), -bits))
     m = (1 << (bits - 1)) - 1
-    return np.clip(x, -m, m).reshape(t.shape)
+    R = int(np.prod(t.exp.shape, dtype=np.int64))
+    sh = np.ascontiguousarray(np.maximum(-(t.exp + frac), -bits)).reshape(R)
+    out = np.empty((R, t.fmt.block), dtype=np.int64)
+    _requantize_kernels()[2](np.ascontiguousarray(t.blocks).reshape(R, t.fmt.block), sh, m, out)
+    return out.reshape(t.shape)

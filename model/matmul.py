@@ -171,10 +171,14 @@ def _round_sum():
     own float type (exact, see :func:`_blocked_gemm`) and the sum over blocks in float64, stored
     as int64; plus, when ``bm`` is not empty, the bias term
     ``round_shift(bm[n], sc[c, r] - be[n // Bv])`` (:func:`bct.model.fixed.round_shift` on
-    scalars: the one rounding rule).
+    scalars: the one rounding rule). ``scale_left(mant, sx, out)`` writes the left operand's
+    blocks scaled by ``2**-sx`` (exact: a power of two within the float's normal range) as
+    ``(L, nb, M, B)``, ``scale_right(mant, sw, out)`` the right operand's as ``(L, nb, B, N)``.
     """
     global _ROUND_SUM
     if _ROUND_SUM is None:
+        import math
+
         import numba
 
         @numba.njit(nogil=True, cache=True)
@@ -206,7 +210,28 @@ def _round_sum():
                                 b = bm[i]
                                 o[i] += (b + a - (b < 0)) >> s
 
-        _ROUND_SUM = round_sum
+        @numba.njit(nogil=True, cache=True)
+        def scale_left(mant, sx, out):  # out[l, j, m, :] = mant[l, m, j, :] * 2**-sx[l, m, j]
+            L, M, nb, B = mant.shape
+            for l in range(L):
+                for m in range(M):
+                    for j in range(nb):
+                        f = out.dtype.type(math.ldexp(1.0, -sx[l, m, j]))
+                        o = out[l, j, m]
+                        for i in range(B):
+                            o[i] = out.dtype.type(mant[l, m, j, i]) * f
+
+        @numba.njit(nogil=True, cache=True)
+        def scale_right(mant, sw, out):  # out[l, j, :, n] = mant[l, n, j, :] * 2**-sw[l, n, j]
+            L, N, nb, B = mant.shape
+            for l in range(L):
+                for n in range(N):
+                    for j in range(nb):
+                        f = out.dtype.type(math.ldexp(1.0, -sw[l, n, j]))
+                        for i in range(B):
+                            out[l, j, i, n] = out.dtype.type(mant[l, n, j, i]) * f
+
+        _ROUND_SUM = round_sum, scale_left, scale_right
     return _ROUND_SUM
 
 
@@ -227,8 +252,11 @@ def _prepare_right(w: BlockTensor, B: int, dt: type, p: int, G: int) -> tuple[np
     ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
     sw = np.minimum(ew_max - we, p + G)  # (..., N, nb), >= 0
     N, nb = we.shape[-2:]
-    ws = np.ldexp(wm.astype(dt), -sw[..., None]).reshape(-1, N, nb, B)
-    out = (np.ascontiguousarray(ws.transpose(0, 2, 3, 1)), ew_max)
+    ws = np.empty((int(np.prod(we.shape[:-2], dtype=np.int64)), nb, B, N), dtype=dt)
+    scale_right = _round_sum()[2]
+    scale_right(np.ascontiguousarray(wm).reshape(-1, N, nb, B), np.ascontiguousarray(sw).reshape(-1, N, nb),
+                ws)
+    out = (ws, ew_max)
     if w.mant.ndim == 2:
         if entry is None or entry[0]() is not w:
             ref = weakref.ref(w, lambda _, i=id(w): _PREPARED.pop(i, None))
@@ -276,12 +304,14 @@ def _blocked_gemm(
     lead = x.shape[:-2]
     M, N, nb = x.shape[-2], w.shape[-2], sx.shape[-1]
     L = int(np.prod(lead, dtype=np.int64))
-    # (L, nb, M, B), contiguous, scaled exactly by powers of two
-    xs = np.ldexp(x.blocks.astype(dt), -sx[..., None]).reshape(L, M, nb, B)
-    xs = np.ascontiguousarray(xs.transpose(0, 2, 1, 3))
     out = np.empty((L, M, N), dtype=np.int64)
     if out.size == 0:
         return out.reshape(lead + (M, N))
+    round_sum, scale_left, _ = _round_sum()
+    # (L, nb, M, B), contiguous, scaled exactly by powers of two
+    xs = np.empty((L, nb, M, B), dtype=dt)
+    scale_left(np.ascontiguousarray(x.blocks).reshape(L, M, nb, B),
+               np.ascontiguousarray(sx).reshape(L, M, nb), xs)
     per_row = max(nb * N, 1)
     if M * per_row <= _CHUNK:  # small matrices (attention heads): chunks of batch elements
         step = max(1, _CHUNK // (M * per_row))
@@ -289,7 +319,6 @@ def _blocked_gemm(
     else:
         step = max(1, _CHUNK // per_row)
         tasks = [(l, l + 1, m0, min(m0 + step, M)) for l in range(L) for m0 in range(0, M, step)]
-    round_sum = _round_sum()
     if bias is None:
         bm, be = np.zeros(0, np.int64), np.zeros(0, np.int64)
     else:

@@ -1,8 +1,9 @@
 """Print flat JSON: integer-model throughput against torch FP32 on the same real sentences.
 
 Both models run the same length-sorted batches (padding per batch to its longest row, as
-``bct eval`` does) with the same thread count (torch intra-op threads and the numpy BLAS pool
-are both set to ``--threads``). After one untimed warm-up pass each, the two models alternate
+``bct eval`` does) with the same thread count (torch intra-op threads, the numpy BLAS pool and
+the integer block GEMMs' threads, :func:`bct.model.matmul.set_threads`, are all set to
+``--threads``). After one untimed warm-up pass each, the two models alternate
 pass by pass for ``--repeat`` rounds, so a changing machine load hits both alike; ``ratio`` is
 best against best, ``ratio_median_of_rounds`` the median of the per-round ratios. The integer
 forward is also timed per stage (the kernels :mod:`bct.model.integer` calls, wrapped by timers)
@@ -160,6 +161,9 @@ def main() -> None:
     from bct.model.checkpoint import default_model_path, load_bert, load_tokenizer
 
     torch.set_num_threads(args.threads)
+    from bct.model.matmul import set_threads
+
+    set_threads(args.threads)  # the integer block GEMMs' own threads
     load_start = os.getloadavg()
     cfg = config_from_args(args)
     model_dir = args.model or str(default_model_path())

@@ -11,6 +11,7 @@ from bct.model.fixed import (
     round_half_away,
     round_shift,
     round_shift_int,
+    round_shift_numpy,
     sqrt_round_int,
 )
 
@@ -86,6 +87,7 @@ def test_round_shift_arrays_broadcast_every_path(xs, ss, wide_shift):
     s = np.array(ss if wide_shift else [min(v, 40) for v in ss], dtype=np.int64)[None, :]
     got = round_shift(x, s)
     assert got.shape == (len(xs), len(ss))
+    assert np.array_equal(round_shift_numpy(x, s), got)  # the numpy passes, same rule
     for i, v in enumerate(xs):
         for j, k in enumerate(s[0].tolist()):
             assert int(got[i, j]) == round_shift_int(v, k)

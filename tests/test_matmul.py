@@ -5,7 +5,10 @@ from hypothesis import strategies as st
 
 from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode
-from bct.model.matmul import Fixed, _block_float, add, linear, matmul, matmul_pyint
+from bct.model import matmul as matmul_module
+from bct.model.matmul import (
+    Fixed, _block_float, add, linear, matmul, matmul_pyint, set_threads,
+)
 
 CONFIGS = [
     Config(),
@@ -214,3 +217,30 @@ def test_batched_matmul_equals_each_slice():
             assert_same(Fixed(got.value[i, j], got.scale[i, j]), matmul_pyint(x[i, j], w[i, j], cfg, b))
     with pytest.raises(ValueError, match="batch dimensions differ"):
         matmul(x, w[:2], cfg)
+
+
+@pytest.mark.parametrize("chunk", [1, 700, 1 << 16])
+def test_chunks_and_threads_do_not_change_the_result(monkeypatch, chunk):
+    """Rows or batch elements split into many chunks over one or two threads: same integers."""
+    cfg = Config()
+    rng = np.random.default_rng(chunk)
+    x, w, b = _operands(cfg, 40, 128, 64, rng)
+    X = rng.standard_normal((6, 40, 64)) * np.exp(rng.standard_normal((6, 40, 64)))
+    xa, wa = encode(X, cfg.act_format), encode(X[:, :32], cfg.act_format)
+    ref, ref_a = matmul(x, w, cfg, b), matmul(xa, wa, cfg)
+    monkeypatch.setattr(matmul_module, "_CHUNK", chunk)
+    before = matmul_module._THREADS
+    try:
+        for n in (1, 2):
+            set_threads(n)
+            assert_same(matmul(x, w, cfg, b), ref)
+            assert_same(matmul(xa, wa, cfg), ref_a)
+    finally:
+        set_threads(before)
+    assert_same(matmul(x[:3], w, cfg, b), matmul_pyint(x[:3], w, cfg, b))
+
+
+def test_set_threads_errors():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a positive int"):
+            set_threads(bad)
