@@ -401,6 +401,8 @@ def mean_pool(x: BlockTensor, mask: np.ndarray, cfg: Config) -> BlockTensor:
     """Masked mean over tokens, integer-only: align every token's blocks to the largest exponent
     of the sequence minus the guard bits, sum, divide by the token count (RHAZ), re-encode to
     ``x``'s format (the residual format on the wide path)."""
+    if x.fmt not in (cfg.act_format, cfg.residual_format):
+        raise ConfigError(f"mean_pool operand format {x.fmt} is neither the activation nor the residual format")
     nb, T, H = x.shape
     e = np.where(mask[:, :, None], x.exp, np.iinfo(np.int64).min // 2)
     scale = e.max(axis=(1, 2)) - cfg.acc_guard_bits  # (B,)
@@ -408,8 +410,6 @@ def mean_pool(x: BlockTensor, mask: np.ndarray, cfg: Config) -> BlockTensor:
     terms = np.where(mask[:, :, None, None], round_shift(x.blocks, s), 0)
     total = terms.sum(axis=1).reshape(nb, H)
     count = mask.sum(axis=1)[:, None]
-    if x.fmt not in (cfg.act_format, cfg.residual_format):
-        raise ConfigError(f"mean_pool operand format {x.fmt} is neither the activation nor the residual format")
     return requantize(round_div(total, np.maximum(count, 1)), scale, x.fmt)
 
 
