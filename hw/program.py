@@ -36,7 +36,7 @@ from bct.model.matmul import act_blocks
 
 __all__ = [
     "LayerShape", "Region", "Program", "ImageError", "OPS", "ROMS", "build_program",
-    "check_images", "pack_word", "weight_ratio", "word_widths",
+    "check_images", "check_supported", "pack_word", "weight_ratio", "word_widths",
 ]
 
 #: Op codes of the controller (``kind`` field).
@@ -158,6 +158,26 @@ def _atomic_write(path: Path, text: str) -> Path:
     return path
 
 
+def check_supported(cfg: Config) -> None:
+    """Refuse a config whose arithmetic the layer accelerator does not implement (yet).
+
+    Raises
+    ------
+    ConfigError
+        For ``residual_bits`` (the RTL's residual stream is in the activation format) or
+        ``gelu_direct`` (the RTL's GELU reads activation blocks).
+    """
+    if cfg.residual_bits is not None:
+        raise ConfigError(
+            f"the layer accelerator does not support the wide residual path yet "
+            f"(residual_bits={cfg.residual_bits}); only bct.model.integer runs it"
+        )
+    if cfg.gelu_direct:
+        raise ConfigError(
+            "the layer accelerator does not support gelu_direct yet; only bct.model.integer runs it"
+        )
+
+
 def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
     """Memory map and op sequence of ``shape.layers`` encoder layers.
 
@@ -174,15 +194,7 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
     Program
     """
     shape.check(cfg)
-    if cfg.residual_bits is not None:  # the RTL's residual stream is in the activation format
-        raise ConfigError(
-            f"the layer accelerator does not support the wide residual path yet "
-            f"(residual_bits={cfg.residual_bits}); only bct.model.integer runs it"
-        )
-    if cfg.gelu_direct:  # the RTL's GELU reads activation blocks
-        raise ConfigError(
-            "the layer accelerator does not support gelu_direct yet; only bct.model.integer runs it"
-        )
+    check_supported(cfg)
     if qm is not None and len(qm.encoder) < shape.layers:
         raise ConfigError(f"the program runs {shape.layers} layers, the model has {len(qm.encoder)}")
     B = cfg.block_size

@@ -32,6 +32,9 @@ def test_config_prints_hash_and_applies_overrides(capsys, tmp_path):
     f.write_text(json.dumps({"weight_bits": 4}))
     assert main(["config", "--config", str(f)]) == 0
     assert json.loads(capsys.readouterr().out)["weight_bits"] == 4
+    for text, value in (("true", True), ("False", False)):
+        assert main(["config", "--set", f"gelu_direct={text}"]) == 0
+        assert json.loads(capsys.readouterr().out).get("gelu_direct", False) is value
 
 
 @pytest.mark.parametrize(
@@ -41,6 +44,7 @@ def test_config_prints_hash_and_applies_overrides(capsys, tmp_path):
         (["--set", "blocksize=32"], "unknown config field: blocksize"),
         (["--set", "block_size"], "--set takes KEY=VALUE"),
         (["--set", "block_size=big"], "block_size: cannot parse 'big' as int"),
+        (["--set", "gelu_direct=1"], "gelu_direct: cannot parse '1' as bool"),
     ],
 )
 def test_config_errors_exit_2_with_message(capsys, args, message):
