@@ -343,8 +343,6 @@ class MatmulArray(wiring.Component):
                for r in range(R)]
         drain = [[Signal(signed(cfg.acc_bits), name=f"drain_{r}_{c}", reset_less=True)
                   for c in range(C)] for r in range(R)]
-        row = Signal(range(R))
-        bias_full = Signal()
         # the bias as the shifters take it: (qb << G+1) - (qb < 0) (round_shift_hw's operand)
         b_t = [Signal(signed(cfg.vector_format.bits + G + 2), name=f"bt_{c}", reset_less=True)
                for c in range(C)]
@@ -359,55 +357,64 @@ class MatmulArray(wiring.Component):
         bin_free_c = [Signal(init=1, name=f"bin_free_{c}", attrs=replica) for c in range(C + 1)]
         xfer = Signal()
         xfer_c = [Signal(name=f"xfer_{c}", attrs=replica) for c in range(C + 1)]
-        credits = Signal(range(self.out_depth + 1), init=self.out_depth)
 
         # Control, all registers: pop (a drain row leaves: it has its bias and a credit) and
         # xfer are computed from the next state of full, bias_full, bin_full, row, credits
         # and the stage-4 flags, so each is the same function of the state as if it were
-        # combinational, one cycle earlier.
+        # combinational, one cycle earlier. The state has one copy per row that shifts, each
+        # driving only that row's copies of pop (a net of C loads inside the row, not one
+        # across the whole array); every copy sees the same inputs, so they never differ.
         pop = Signal()
-        # copies of pop, one per PE of the rows that shift (row 0's also start the output)
         pop_pe = [[Signal(name=f"pop_{r}_{c}", attrs=replica) for c in range(C)]
-                  for r in range(max(R - 1, 1))]
+                  for r in range(R - 1)]
         finish = s4_done & s4_last
         depth = self.out_depth
         level = Signal(range(depth + 1))  # rows in the output FIFO
-        back = (level != 0) & self.out.ready  # a row leaves the FIFO: its credit returns
+        back = self.out.valid & self.out.ready  # a row leaves the FIFO: its credit returns
+        back_r = Signal()
         accept = self.bias.valid & ~bin_full
-        # The registered pop drives hundreds of flip-flops; the next-state
-        # logic uses their values recomputed from the low-fan-out state registers instead
-        # (equal by construction), so no high-fan-out net sits on a control path.
-        zero = Signal()
-        pop_c = full & bias_full & ~zero
-        pop_last_c = pop_c & (row == R - 1)
-        full_n = Mux(finish, 1, Mux(pop_last_c, 0, full))  # (admission: never both)
-        bias_full_n = Mux(xfer, 1, Mux(pop_last_c, 0, bias_full))
-        bin_full_n = Mux(accept, 1, Mux(xfer, 0, bin_full))
-        row_n = Mux(pop_c, Mux(row == R - 1, 0, row + 1), row)
-        # a credit comes back one cycle after its row left the FIFO (back_r), so the credit
-        # test below starts at registers: credits_n == 0 only if no credit comes back and
-        # either none is left or the last one is taken (zero / one: flags of credits)
-        # (the candidates credits - 1, + 1 and their tests come from registers; pop_c only
-        # selects among them)
-        back_r, one = Signal(), Signal(init=self.out_depth == 1)
-        dec, inc = pop_c & ~back_r, back_r & ~pop_c
-        credits_n = Mux(dec, credits - 1, Mux(inc, credits + 1, credits))
-        zero_n = Mux(dec, credits == 1, Mux(inc, 0, credits == 0))
-        one_n = Mux(dec, credits == 2, Mux(inc, credits == 0, credits == 1))
-        credits_nz = ~((zero | (one & pop_c)) & ~back_r)
         s4_last_n = Mux(s3_done, s3_last, s4_last)
-        pop_n = full_n & bias_full_n & credits_nz
-        pop_last_n = pop_n & (row_n == R - 1)
+
+        def control(tag, attrs, full_=None):
+            """One copy of the drain state; returns its full / bias_full / pop / pop_last
+            next-state expressions. A credit comes back one cycle after its row left the
+            FIFO (back_r), so the credit test starts at registers: credits_n == 0 only if no
+            credit comes back and either none is left or the last one is taken (zero / one:
+            flags of credits; the candidates credits - 1, + 1 and their tests come from
+            registers, pop_c only selects among them)."""
+            full_ = Signal(name=f"full{tag}", attrs=attrs) if full_ is None else full_
+            bias_full_ = Signal(name=f"bias_full{tag}", attrs=attrs)
+            row = Signal(range(R), name=f"row{tag}", attrs=attrs)
+            credits = Signal(range(depth + 1), init=depth, name=f"credits{tag}", attrs=attrs)
+            zero = Signal(name=f"zero{tag}", attrs=attrs)
+            one = Signal(init=depth == 1, name=f"one{tag}", attrs=attrs)
+            pop_c = full_ & bias_full_ & ~zero
+            pop_last_c = pop_c & (row == R - 1)
+            full_n = Mux(finish, 1, Mux(pop_last_c, 0, full_))  # (admission: never both)
+            bias_full_n = Mux(xfer, 1, Mux(pop_last_c, 0, bias_full_))
+            row_n = Mux(pop_c, Mux(row == R - 1, 0, row + 1), row)
+            dec, inc = pop_c & ~back_r, back_r & ~pop_c
+            credits_n = Mux(dec, credits - 1, Mux(inc, credits + 1, credits))
+            zero_n = Mux(dec, credits == 1, Mux(inc, 0, credits == 0))
+            one_n = Mux(dec, credits == 2, Mux(inc, credits == 0, credits == 1))
+            credits_nz = ~((zero | (one & pop_c)) & ~back_r)
+            pop_n = full_n & bias_full_n & credits_nz
+            m.d.sync += [full_.eq(full_n), bias_full_.eq(bias_full_n), row.eq(row_n),
+                         credits.eq(credits_n), zero.eq(zero_n), one.eq(one_n)]
+            return full_, full_n, bias_full_n, pop_n, pop_n & (row_n == R - 1)
+
+        _, full_n, bias_full_n, pop_n, pop_last_n = control("", {}, full)
+        for r in range(R - 1):
+            row_pop_n = control(f"_r{r}", replica)[3]
+            m.d.sync += [p.eq(row_pop_n) for p in pop_pe[r]]
+        bin_full_n = Mux(accept, 1, Mux(xfer, 0, bin_full))
         # the bias registers are free next cycle, or their tile's last row pops then (o1
         # samples the old bias at the edge that loads the new one)
         xfer_n = bin_full_n & (~bias_full_n | pop_last_n)
         m.d.sync += [bin_full.eq(bin_full_n), *[f.eq(~bin_full_n) for f in bin_free_c],
                      xfer.eq(xfer_n), *[x.eq(xfer_n) for x in xfer_c]]
-        m.d.sync += [full.eq(full_n), bias_full.eq(bias_full_n), row.eq(row_n),
-                     credits.eq(credits_n), back_r.eq(back), zero.eq(zero_n),
-                     one.eq(one_n), s4_done.eq(s3_done), s4_last.eq(s4_last_n),
+        m.d.sync += [back_r.eq(back), s4_done.eq(s3_done), s4_last.eq(s4_last_n),
                      pop.eq(pop_n),
-                     *[p.eq(pop_n) for row_copies in pop_pe for p in row_copies],
                      inflight.eq(Mux(take & self.act.payload.last, 1,
                                      Mux(finish, 0, inflight)))]
 
@@ -477,8 +484,15 @@ class MatmulArray(wiring.Component):
         # space is guaranteed by the credits. One memory per column, each with its own copies
         # of the write enable and of both addresses, so that no address register drives every
         # LUT RAM of the FIFO; the fourth output stage registers straight into the write ports.
+        # ``out.ready`` meets each column's own copy of ``nonempty`` in one LUT in front of
+        # that column's read pointer, so it never drives a net across all columns.
         wrote = Signal()  # a row was written (level's increment)
         m.d.sync += wrote.eq(o4_valid)
+        # level_n != 0 without the sum: a row came in, or more than one row (or one that
+        # does not leave now) was there
+        nonempty_n = wrote | (level > 1) | ((level == 1) & ~self.out.ready)
+        nonempty_c = [Signal(name=f"nonempty_{c}", attrs=replica) for c in range(C)]
+        m.d.sync += [self.out.valid.eq(nonempty_n), *[n.eq(nonempty_n) for n in nonempty_c]]
         for c in range(C):
             mem = memory.Memory(shape=signed(cfg.acc_bits), depth=depth, init=[])
             m.submodules[f"out_mem_{c}"] = mem
@@ -490,9 +504,8 @@ class MatmulArray(wiring.Component):
             m.d.sync += [we.eq(o4_valid), wp.data.eq(d[3][c] + o4_t[c])]
             with m.If(we):
                 m.d.sync += wa.eq(Mux(wa == depth - 1, 0, wa + 1))
-            with m.If(back):
+            with m.If(nonempty_c[c] & self.out.ready):
                 m.d.sync += ra.eq(Mux(ra == depth - 1, 0, ra + 1))
-        m.d.comb += self.out.valid.eq(level != 0)
         m.d.sync += level.eq(level + wrote - back)
         return m
 
