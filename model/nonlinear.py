@@ -19,14 +19,19 @@ from bct.model.matmul import Fixed
 
 __all__ = [
     "gelu_fixed",
+    "gelu_fixed_numpy",
     "gelu",
     "gelu_acc",
     "fixed_to_frac",
+    "fixed_to_frac_numpy",
     "softmax_fixed",
+    "softmax_fixed_numpy",
     "softmax",
     "tanh_fixed",
     "layernorm_fixed",
+    "layernorm_fixed_numpy",
     "layernorm_affine",
+    "layernorm_affine_numpy",
     "layernorm",
     "layernorm_wide",
 ]
@@ -34,7 +39,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------
 # GELU
-def gelu_fixed(x, cfg: Config) -> np.ndarray:
+def gelu_fixed_numpy(x, cfg: Config) -> np.ndarray:
     """GELU of fixed-point integers with ``cfg.gelu_frac`` fraction bits (same format out).
 
     ``GELU(x) = max(x, 0) - h(|x|)`` with ``h(a) = a * Phi(-a)``: ``h`` is small, smooth and
@@ -80,7 +85,7 @@ def gelu(t: BlockTensor, cfg: Config) -> BlockTensor:
     return requantize(gelu_fixed(x, cfg), -cfg.gelu_frac, cfg.act_format)
 
 
-def fixed_to_frac(x: Fixed, frac: int, bits: int) -> np.ndarray:
+def fixed_to_frac_numpy(x: Fixed, frac: int, bits: int) -> np.ndarray:
     """Fixed-point rows (``value * 2**scale``, e.g. a matmul accumulator) to ``frac`` fraction
     bits, rounded with the project's rule and saturated to signed ``bits`` bits.
 
@@ -107,7 +112,7 @@ def gelu_acc(x: Fixed, cfg: Config) -> BlockTensor:
 
 # ------------------------------------------------------------------------------------------------
 # Softmax
-def softmax_fixed(x, cfg: Config, mask=None) -> np.ndarray:
+def softmax_fixed_numpy(x, cfg: Config, mask=None) -> np.ndarray:
     """Row-wise softmax over the last axis of fixed-point scores (``cfg.softmax_frac``).
 
     Base 2: ``t = log2(e) * (x - max) <= 0`` in fixed point; ``2**t`` = a direct LUT on the
@@ -172,7 +177,7 @@ def tanh_fixed(x, cfg: Config) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------
 # LayerNorm
-def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
+def layernorm_fixed_numpy(x: Fixed, cfg: Config) -> np.ndarray:
     """Standardise rows of fixed-point integers: ``(x - mean) / sqrt(var + eps)``.
 
     Integer-only and free of the mean's rounding: with ``S1 = sum(x)``, ``S2 = sum(x**2)`` and
@@ -213,7 +218,7 @@ def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
     return round_shift(num * inv, c.ln_recip_shift - cfg.ln_frac + t)
 
 
-def layernorm_affine(y, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> np.ndarray:
+def layernorm_affine_numpy(y, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> np.ndarray:
     """``y * gamma + beta`` into ``cfg.ln_out_frac`` fraction bits, saturated to
     ``cfg.ln_out_bits``; ``y`` has ``cfg.ln_frac`` fraction bits."""
     B = cfg.block_size
@@ -258,3 +263,252 @@ def layernorm_wide(x: Fixed, gamma: BlockTensor, beta: BlockTensor,
     return (requantize(y, -cfg.ln_out_frac, cfg.act_format),
             requantize(y, -cfg.ln_out_frac, cfg.residual_format))
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled kernels: the functions the model calls. Each is one compiled pass (numba, compiled on
+# first use and cached on disk, like bct.model.blocks.requantize) computing exactly its
+# ``*_numpy`` definition above (the tests compare them with ``==``).
+def gelu_fixed(x, cfg: Config) -> np.ndarray:
+    """:func:`gelu_fixed_numpy` in one compiled pass (the same integers)."""
+    c = derive(cfg)
+    x = np.asarray(x, dtype=np.int64)
+    lo, slope = _gelu_segments(cfg)
+    out = np.empty(x.shape, dtype=np.int64)
+    _kernels().gelu(np.ascontiguousarray(x).reshape(-1), out.reshape(-1), lo, slope,
+                    (1 << (cfg.gelu_bits - 1)) - 1, c.gelu_seg_shift, cfg.gelu_segments,
+                    c.gelu_table_frac - cfg.gelu_frac)
+    return out
+
+
+def fixed_to_frac(x: Fixed, frac: int, bits: int) -> np.ndarray:
+    """:func:`fixed_to_frac_numpy` in one compiled pass (the same integers)."""
+    v = np.asarray(x.value, dtype=np.int64)
+    sc = np.asarray(x.scale, dtype=np.int64)
+    if v.ndim == 0 or sc.ndim > v.ndim - 1:  # not one scale per row: the numpy definition
+        return fixed_to_frac_numpy(x, frac, bits)
+    s = -(np.broadcast_to(sc, v.shape[:-1]) + frac)
+    R = int(np.prod(v.shape[:-1], dtype=np.int64))
+    out = np.empty(v.shape, dtype=np.int64)
+    _kernels().to_frac(np.ascontiguousarray(v).reshape(R, v.shape[-1]),
+                       np.ascontiguousarray(s).reshape(R), out.reshape(R, v.shape[-1]),
+                       (1 << (bits - 1)) - 1, bits)
+    return out
+
+
+def softmax_fixed(x, cfg: Config, mask=None) -> np.ndarray:
+    """:func:`softmax_fixed_numpy` in one compiled pass over the rows (the same integers, the
+    same error for a row without an unmasked element)."""
+    c = derive(cfg)
+    x = np.asarray(x, dtype=np.int64)
+    L = x.shape[-1] if x.ndim else 1
+    R = x.size // L if L else 0
+    if mask is None:
+        m2 = np.ones((1, L), dtype=np.bool_)
+        step = 0
+    else:
+        m2 = np.ascontiguousarray(np.broadcast_to(np.asarray(mask, dtype=bool), x.shape)).reshape(R, L)
+        step = 1
+    out = np.empty(x.shape, dtype=np.int64)
+    if L == 0 or R == 0:
+        return softmax_fixed_numpy(x, cfg, mask)
+    ok = _kernels().softmax(
+        np.ascontiguousarray(x).reshape(R, L), m2, step, out.reshape(R, L),
+        (1 << (cfg.softmax_bits - 1)) - 1, c.log2e, LOG2E_FRAC, cfg.softmax_frac,
+        _exp2_lut(cfg), np.int64(1) << (c.recip_shift + cfg.softmax_out_frac), c.recip_shift)
+    if not ok:
+        raise ValueError("softmax: a row has no unmasked element")
+    return out
+
+
+@lru_cache(maxsize=64)
+def _exp2_lut(cfg: Config) -> np.ndarray:
+    lut = np.asarray(derive(cfg).exp2_lut, dtype=np.int64)
+    lut.flags.writeable = False
+    return lut
+
+
+def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
+    """:func:`layernorm_fixed_numpy` in one compiled pass over the rows (the same integers,
+    the same errors)."""
+    c = derive(cfg)
+    v = np.asarray(x.value, dtype=np.int64)
+    N = v.shape[-1]
+    cfg.check_reduction(N, "LayerNorm width")
+    scales = np.broadcast_to(np.asarray(x.scale, dtype=np.int64), v.shape[:-1])
+    uniq, inverse = np.unique(scales, return_inverse=True)  # few distinct row scales
+    eps = np.array([ln_eps_units(c, N, int(s), LN_D_CAP) for s in uniq], dtype=np.int64)[inverse]
+    R = int(np.prod(v.shape[:-1], dtype=np.int64))
+    out = np.empty(v.shape, dtype=np.int64)
+    ok = _kernels().layernorm(
+        np.ascontiguousarray(v).reshape(R, N), np.ascontiguousarray(eps).reshape(R),
+        out.reshape(R, N), cfg.add_bound, LN_D_CAP, cfg.ln_sqrt_bits, c.ln_recip_shift,
+        cfg.ln_frac)
+    if not ok:
+        raise ValueError(f"LayerNorm input exceeds the config's bound {cfg.add_bound}")
+    return out
+
+
+def layernorm_affine(y, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> np.ndarray:
+    """:func:`layernorm_affine_numpy` in one compiled pass (the same integers)."""
+    B = cfg.block_size
+    y = np.asarray(y, dtype=np.int64)
+    nb = y.shape[-1] // B
+    R = y.size // (nb * B) if nb else 0
+    lim = (1 << (cfg.ln_out_bits - 1)) - 1
+    floor = -(cfg.ln_out_bits + 1)
+    g_shift = np.maximum(cfg.ln_frac - cfg.ln_out_frac - gamma.exp, floor)
+    b = round_shift(beta.blocks, np.maximum(-(beta.exp[:, None] + cfg.ln_out_frac), floor))
+    out = np.empty(y.shape, dtype=np.int64)
+    _kernels().affine(np.ascontiguousarray(y).reshape(R, nb, B),
+                      np.ascontiguousarray(gamma.blocks), np.ascontiguousarray(g_shift),
+                      np.ascontiguousarray(b), out.reshape(R, nb, B), lim)
+    return out
+
+
+_KERNELS = None
+
+
+def _kernels():
+    """The compiled nonlinear units (numba; compiled on first use, cached on disk). Scalar
+    rounding is :func:`bct.model.fixed.round_shift`'s rule element by element (``rs``), the
+    division :func:`~bct.model.fixed.round_div`'s, the bit length and the rounded square root
+    those of :func:`~bct.model.fixed.bit_length` / :func:`~bct.model.fixed.sqrt_round_int`."""
+    global _KERNELS
+    if _KERNELS is None:
+        from types import SimpleNamespace
+
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def rs(x, s):  # round_shift on one element
+            if s <= 0:
+                return x << -s if s > -64 else np.int64(0)
+            if s > 62:
+                return np.int64(0)
+            return (x + (np.int64(1) << (s - 1)) - (x < 0)) >> s
+
+        @numba.njit(nogil=True, cache=True)
+        def rdiv(n, d):  # round_div on one element, d > 0
+            q = (2 * abs(n) + d) // (2 * d)
+            return -q if n < 0 else q
+
+        @numba.njit(nogil=True, cache=True)
+        def bitlen(v):  # int.bit_length of v >= 0
+            n = 0
+            for w in (32, 16, 8, 4, 2, 1):
+                if v >> w:
+                    v >>= w
+                    n += w
+            return n + (v > 0)
+
+        @numba.njit(nogil=True, cache=True)
+        def sqrt_round(d):  # sqrt_round_int on one element
+            r = np.int64(np.floor(np.sqrt(4.0 * np.float64(d))))
+            four_d = 4 * d
+            if r * r > four_d:
+                r -= 1
+            if (r + 1) * (r + 1) <= four_d:
+                r += 1
+            return (r + 1) >> 1
+
+        @numba.njit(nogil=True, cache=True)
+        def gelu(x, out, lo, slope, lim, seg_shift, segments, k):
+            segmask = (np.int64(1) << seg_shift) - 1
+            for i in range(x.shape[0]):
+                v = min(max(x[i], -lim), lim)
+                a = abs(v)
+                idx = min(a >> seg_shift, segments)
+                h = rs((a & segmask) * slope[idx], seg_shift) + lo[idx]
+                out[i] = rs((max(v, 0) << k) - h, k)
+
+        @numba.njit(nogil=True, cache=True)
+        def to_frac(v, s, out, lim, bits):
+            R, N = v.shape
+            for r in range(R):
+                sr = s[r]
+                k = min(max(-sr, 0), bits)
+                room = lim >> k
+                for j in range(N):
+                    x = v[r, j]
+                    if sr > 0:
+                        o = rs(x, sr)
+                    elif abs(x) <= room:
+                        o = min(max(x, -room), room) << k
+                    else:
+                        o = lim if x > 0 else (-lim if x < 0 else 0)
+                    out[r, j] = min(max(o, -lim), lim)
+
+        @numba.njit(nogil=True, cache=True)
+        def softmax(x, m, step, out, lim, log2e, l2frac, frac, lut, recip_num, recip_shift):
+            R, L = x.shape
+            fmask = (np.int64(1) << frac) - 1
+            for r in range(R):  # every row needs an unmasked element (checked first, as numpy)
+                mr = m[r * step]
+                found = False
+                for j in range(L):
+                    if mr[j]:
+                        found = True
+                        break
+                if not found:
+                    return False
+            e = np.empty(L, dtype=np.int64)
+            for r in range(R):
+                mr = m[r * step]
+                xr = x[r]
+                xmax = -lim
+                for j in range(L):
+                    if mr[j]:
+                        xmax = max(xmax, min(max(xr[j], -lim), lim))
+                total = np.int64(0)
+                for j in range(L):
+                    if mr[j]:
+                        u = -rs((min(max(xr[j], -lim), lim) - xmax) * log2e, l2frac)
+                        ej = rs(lut[u & fmask], u >> frac)
+                        e[j] = ej
+                        total += ej
+                    else:
+                        e[j] = 0
+                recip = rdiv(recip_num, total)
+                for j in range(L):
+                    out[r, j] = rs(e[j] * recip, recip_shift)
+            return True
+
+        @numba.njit(nogil=True, cache=True)
+        def layernorm(v, eps, out, bound, cap, W, recip_shift, frac):
+            R, N = v.shape
+            for r in range(R):  # the bound is checked first, as numpy
+                for j in range(N):
+                    if abs(v[r, j]) > bound:
+                        return False
+            one = np.int64(1) << recip_shift
+            for r in range(R):
+                vr = v[r]
+                s1 = np.int64(0)
+                s2 = np.int64(0)
+                for j in range(N):
+                    a = vr[j]
+                    s1 += a
+                    s2 += a * a
+                d = min(N * s2 - s1 * s1 + eps[r], cap)
+                t = (bitlen(d) - 2 * W + 1) >> 1
+                root = sqrt_round(rs(d, 2 * t))
+                inv = rdiv(one, max(root, 1)) if root > 0 else np.int64(0)
+                sh = recip_shift - frac + t
+                for j in range(N):
+                    out[r, j] = rs((N * vr[j] - s1) * inv, sh)
+            return True
+
+        @numba.njit(nogil=True, cache=True)
+        def affine(y, g, gsh, b, out, lim):
+            R, nb, B = y.shape
+            for r in range(R):
+                for k in range(nb):
+                    sh = gsh[k]
+                    for i in range(B):
+                        v = min(max(rs(y[r, k, i] * g[k, i], sh), -lim), lim)
+                        out[r, k, i] = min(max(v + b[k, i], -lim), lim)
+
+        _KERNELS = SimpleNamespace(gelu=gelu, to_frac=to_frac, softmax=softmax,
+                                   layernorm=layernorm, affine=affine)
+    return _KERNELS

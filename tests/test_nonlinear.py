@@ -13,14 +13,20 @@ from bct.model.matmul import Fixed
 from bct.model.blocks import requantize, to_fixed
 from bct.model.nonlinear import (
     fixed_to_frac,
+    fixed_to_frac_numpy,
     gelu,
     gelu_acc,
     gelu_fixed,
+    gelu_fixed_numpy,
     layernorm,
+    layernorm_affine,
+    layernorm_affine_numpy,
     layernorm_fixed,
+    layernorm_fixed_numpy,
     layernorm_wide,
     softmax,
     softmax_fixed,
+    softmax_fixed_numpy,
     tanh_fixed,
 )
 
@@ -259,3 +265,85 @@ def test_gelu_acc_reads_the_accumulator_once():
     direct = gelu_fixed(fixed_to_frac(acc, 12, cfg.gelu_bits), cfg)
     err = lambda y: np.abs(np.ldexp(y.astype(float), -12) - ref).max()  # noqa: E731
     assert err(direct) < err(via_blocks) / 4
+
+
+# ------------------------------------------------------------------------------------------------
+# The compiled kernels against their numpy definitions (``==`` on seeded random and edge inputs)
+COMPILED_CFGS = [
+    CFG,
+    Config(block_size=8, weight_block_size=8, vector_bits=16, ln_out_frac=12, gelu_frac=12,
+           residual_bits=16, gelu_direct=True),
+    Config(gelu_frac=10, gelu_segments=128, softmax_frac=10, ln_sqrt_bits=12, ln_frac=8),
+]
+
+
+def _same(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("cfg", COMPILED_CFGS)
+def test_compiled_gelu_equals_numpy(cfg):
+    rng = np.random.default_rng(20)
+    lim = (1 << (cfg.gelu_bits - 1)) - 1
+    every = np.arange(-lim - 3, lim + 4)  # the whole saturated range and just past it
+    assert _same(gelu_fixed(every, cfg), gelu_fixed_numpy(every, cfg))
+    x = rng.integers(-(1 << 40), 1 << 40, size=(7, 3, 64))
+    x[0, 0, :6] = [0, lim, -lim, 1 << 62, -(1 << 62), -1]
+    assert _same(gelu_fixed(x, cfg), gelu_fixed_numpy(x, cfg))
+    assert _same(gelu_fixed(x[:, 1, ::3], cfg), gelu_fixed_numpy(x[:, 1, ::3], cfg))  # strided
+    assert _same(gelu_fixed(np.int64(-5), cfg), gelu_fixed_numpy(np.int64(-5), cfg))  # 0-d
+    assert _same(gelu_fixed(np.zeros((0, 4), np.int64), cfg), gelu_fixed_numpy(np.zeros((0, 4), np.int64), cfg))
+
+
+@pytest.mark.parametrize("cfg", COMPILED_CFGS)
+def test_compiled_softmax_equals_numpy(cfg):
+    rng = np.random.default_rng(21)
+    lim = (1 << (cfg.softmax_bits - 1)) - 1
+    for L in (1, 8, 37, 64):
+        x = rng.integers(-2 * lim, 2 * lim, size=(3, 2, 5, L))
+        x[0, 0, 0] = lim  # one saturated row, one all-equal row
+        x[0, 0, 1] = -7
+        key = rng.random((3, 1, 1, L)) < 0.6
+        key[..., 0] = True
+        assert _same(softmax_fixed(x, cfg), softmax_fixed_numpy(x, cfg))
+        assert _same(softmax_fixed(x, cfg, key), softmax_fixed_numpy(x, cfg, key))
+        rowmask = rng.random(x.shape) < 0.3  # a full-shape mask, one unmasked element per row
+        rowmask[..., L - 1] = True
+        assert _same(softmax_fixed(x, cfg, rowmask), softmax_fixed_numpy(x, cfg, rowmask))
+    with pytest.raises(ValueError, match="a row has no unmasked element"):
+        softmax_fixed(np.zeros((2, 4)), cfg, mask=np.array([[True], [False]]))
+
+
+@pytest.mark.parametrize("cfg", COMPILED_CFGS)
+def test_compiled_layernorm_equals_numpy(cfg):
+    rng = np.random.default_rng(22)
+    N = 4 * cfg.block_size
+    v = rng.integers(-cfg.add_bound, cfg.add_bound + 1, size=(3, 9, N))
+    v[0, 0] = cfg.add_bound  # constant rows (variance 0: eps alone), an outlier, tiny rows
+    v[0, 1] = 0
+    v[0, 2] = 0
+    v[0, 2, 5] = -cfg.add_bound
+    v[0, 3] = rng.integers(-2, 3, size=N)
+    scales = rng.integers(-30, 6, size=(3, 9))
+    for x in (Fixed(v, scales), Fixed(v, np.int64(-12)), Fixed(v[0, 3], np.int64(-20))):
+        y = layernorm_fixed(x, cfg)
+        assert _same(y, layernorm_fixed_numpy(x, cfg))
+        gamma = encode(rng.uniform(-3, 3, N), cfg.vector_format)
+        beta = encode(rng.standard_normal(N) * 4, cfg.vector_format)
+        assert _same(layernorm_affine(y, gamma, beta, cfg), layernorm_affine_numpy(y, gamma, beta, cfg))
+    big = encode(np.full(N, 1e6), cfg.vector_format)  # saturating gamma and beta
+    y = layernorm_fixed(Fixed(v, scales), cfg)
+    assert _same(layernorm_affine(y, big, big, cfg), layernorm_affine_numpy(y, big, big, cfg))
+    with pytest.raises(ValueError, match="exceeds the config's bound"):
+        layernorm_fixed(Fixed(np.full((1, N), -cfg.add_bound - 1), np.zeros(1)), cfg)
+
+
+@pytest.mark.parametrize("cfg", COMPILED_CFGS)
+def test_compiled_fixed_to_frac_equals_numpy(cfg):
+    rng = np.random.default_rng(23)
+    v = rng.integers(-(1 << 45), 1 << 45, size=(40, 16))
+    v[0, :4] = [0, 1, -1, (1 << 45)]
+    scale = rng.integers(-70, 40, size=40)
+    for frac, bits in ((cfg.gelu_frac, cfg.gelu_bits), (8, 17), (16, 33)):
+        for x in (Fixed(v, scale), Fixed(v, np.int64(-20)), Fixed(v.reshape(4, 10, 16), scale.reshape(4, 10))):
+            assert _same(fixed_to_frac(x, frac, bits), fixed_to_frac_numpy(x, frac, bits))
