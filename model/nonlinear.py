@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from bct.config import Config
-from bct.model.blocks import BlockTensor, requantize, to_fixed
+from bct.model.blocks import BlockTensor, _requantize_kernels, requantize, requantize_numpy, to_fixed
 from bct.model.constants import LN_D_CAP, LOG2E_FRAC, derive, ln_eps_units
 from bct.model.fixed import bit_length, round_div, round_shift, sqrt_round_int
 from bct.model.matmul import Fixed
@@ -21,7 +21,9 @@ __all__ = [
     "gelu_fixed",
     "gelu_fixed_numpy",
     "gelu",
+    "gelu_numpy",
     "gelu_acc",
+    "gelu_acc_numpy",
     "fixed_to_frac",
     "fixed_to_frac_numpy",
     "softmax_fixed",
@@ -79,10 +81,12 @@ def _gelu_segments(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     return lo, slope
 
 
-def gelu(t: BlockTensor, cfg: Config) -> BlockTensor:
-    """GELU of an activation tensor in block format, re-encoded to block format."""
+def gelu_numpy(t: BlockTensor, cfg: Config) -> BlockTensor:
+    """GELU of an activation tensor in block format, re-encoded to block format: ``to_fixed``
+    to ``cfg.gelu_frac``, :func:`gelu_fixed_numpy`, ``requantize`` (the definition of
+    :func:`gelu`, which computes the same in one fused compiled pass)."""
     x = to_fixed(t, cfg.gelu_frac, cfg.gelu_bits)
-    return requantize(gelu_fixed(x, cfg), -cfg.gelu_frac, cfg.act_format)
+    return requantize_numpy(gelu_fixed_numpy(x, cfg), -cfg.gelu_frac, cfg.act_format)
 
 
 def fixed_to_frac_numpy(x: Fixed, frac: int, bits: int) -> np.ndarray:
@@ -102,12 +106,13 @@ def fixed_to_frac_numpy(x: Fixed, frac: int, bits: int) -> np.ndarray:
     return np.clip(out, -lim, lim)
 
 
-def gelu_acc(x: Fixed, cfg: Config) -> BlockTensor:
+def gelu_acc_numpy(x: Fixed, cfg: Config) -> BlockTensor:
     """GELU read straight from a matmul accumulator (``Config.gelu_direct``): the FFN1 output
     rounded once to ``cfg.gelu_frac`` (not first to activation blocks), re-encoded to block
-    format."""
-    v = fixed_to_frac(x, cfg.gelu_frac, cfg.gelu_bits)
-    return requantize(gelu_fixed(v, cfg), -cfg.gelu_frac, cfg.act_format)
+    format (the definition of :func:`gelu_acc`, which computes the same in one fused compiled
+    pass)."""
+    v = fixed_to_frac_numpy(x, cfg.gelu_frac, cfg.gelu_bits)
+    return requantize_numpy(gelu_fixed_numpy(v, cfg), -cfg.gelu_frac, cfg.act_format)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,14 +275,13 @@ def layernorm_wide(x: Fixed, gamma: BlockTensor, beta: BlockTensor,
 # first use and cached on disk, like bct.model.blocks.requantize) computing exactly its
 # ``*_numpy`` definition above (the tests compare them with ``==``).
 def gelu_fixed(x, cfg: Config) -> np.ndarray:
-    """:func:`gelu_fixed_numpy` in one compiled pass (the same integers)."""
-    c = derive(cfg)
+    """:func:`gelu_fixed_numpy` in one compiled pass (the same integers): each input saturated,
+    then read from :func:`_gelu_lut` inside the table's range and ``max(x, 0)`` beyond it."""
     x = np.asarray(x, dtype=np.int64)
-    lo, slope = _gelu_segments(cfg)
+    span, lut = _gelu_lut(cfg)
     out = np.empty(x.shape, dtype=np.int64)
-    _kernels().gelu(np.ascontiguousarray(x).reshape(-1), out.reshape(-1), lo, slope,
-                    (1 << (cfg.gelu_bits - 1)) - 1, c.gelu_seg_shift, cfg.gelu_segments,
-                    c.gelu_table_frac - cfg.gelu_frac)
+    _kernels().gelu(np.ascontiguousarray(x).reshape(-1), out.reshape(-1),
+                    (1 << (cfg.gelu_bits - 1)) - 1, span, lut)
     return out
 
 
@@ -366,6 +370,92 @@ def layernorm_affine(y, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> n
     return out
 
 
+def gelu(t: BlockTensor, cfg: Config) -> BlockTensor:
+    """GELU of an activation tensor in block format, re-encoded to block format.
+
+    :func:`gelu_numpy` (``to_fixed``, :func:`gelu_fixed`, ``requantize``) fused into one
+    compiled pass over the rows, each row's GELU read from a table of :func:`gelu_fixed` over
+    every saturated input (when ``cfg.gelu_bits <= 20``) and re-encoded at once by
+    ``requantize``'s compiled kernel; rows shared among
+    :func:`bct.model.matmul.set_threads` threads. The same integers.
+    """
+    if t.fmt.block != cfg.act_format.block or t.mant.ndim < 1:
+        return gelu_numpy(t, cfg)
+    R = int(np.prod(t.shape[:-1], dtype=np.int64))
+    nb = t.exp.shape[-1] if t.exp.ndim else 0
+    mant = np.ascontiguousarray(t.mant).reshape(R, nb, t.fmt.block)
+    exp = np.ascontiguousarray(t.exp).reshape(R, nb)
+    return _gelu_rows(cfg, t.shape, R, lambda k, r0, r1, *a: k.gelu_blocks(
+        mant[r0:r1], exp[r0:r1], cfg.gelu_frac, cfg.gelu_bits, *a))
+
+
+def gelu_acc(x: Fixed, cfg: Config) -> BlockTensor:
+    """GELU read straight from a matmul accumulator (``Config.gelu_direct``): the FFN1 output
+    rounded once to ``cfg.gelu_frac`` (not first to activation blocks), re-encoded to block
+    format.
+
+    :func:`gelu_acc_numpy` (:func:`fixed_to_frac`, :func:`gelu_fixed`, ``requantize``) fused
+    into one compiled pass over the rows, as :func:`gelu`. The same integers.
+    """
+    v = np.asarray(x.value, dtype=np.int64)
+    sc = np.asarray(x.scale, dtype=np.int64)
+    if v.ndim == 0 or sc.ndim > v.ndim - 1 or v.shape[-1] % cfg.act_format.block:
+        return gelu_acc_numpy(x, cfg)
+    R = int(np.prod(v.shape[:-1], dtype=np.int64))
+    B = cfg.act_format.block
+    v3 = np.ascontiguousarray(v).reshape(R, v.shape[-1] // B, B)
+    s = np.ascontiguousarray(-(np.broadcast_to(sc, v.shape[:-1]) + cfg.gelu_frac)).reshape(R)
+    return _gelu_rows(cfg, v.shape, R, lambda k, r0, r1, *a: k.gelu_acc_rows(
+        v3[r0:r1], s[r0:r1], cfg.gelu_bits, *a))
+
+
+def _gelu_rows(cfg: Config, shape: tuple, R: int, call) -> BlockTensor:
+    """Run a fused GELU kernel ``call(kernels, r0, r1, *gelu args)`` over rows ``[r0, r1)``
+    (split among the set_threads threads) into a new activation-format BlockTensor."""
+    fmt = cfg.act_format
+    span, lut = _gelu_lut(cfg)
+    nb = shape[-1] // fmt.block
+    q = np.empty((R, nb, fmt.block), dtype=np.int64)
+    e = np.empty((R, nb), dtype=np.int64)
+    k = _kernels()
+    args = ((1 << (cfg.gelu_bits - 1)) - 1, span, lut, -cfg.gelu_frac,
+            fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits)
+    _split_rows(R, nb * fmt.block, lambda r0, r1: call(k, r0, r1, *args, q[r0:r1], e[r0:r1]))
+    return BlockTensor(q.reshape(shape), e.reshape(shape[:-1] + (nb,)), fmt)
+
+
+@lru_cache(maxsize=16)
+def _gelu_lut(cfg: Config) -> tuple[int, np.ndarray]:
+    """``(span, lut)``: :func:`gelu_fixed_numpy` of every input ``|x| < span`` at
+    ``lut[x + span]`` (int32), ``span = gelu_segments << gelu_seg_shift`` (``= gelu_table_range
+    << gelu_frac``, capped at the saturation limit + 1). Beyond it the table gives ``h = 0`` and
+    GELU is exactly ``max(x, 0)`` (``round_shift(y << k, k) == y``); the tests check both."""
+    c = derive(cfg)
+    lim = (1 << (cfg.gelu_bits - 1)) - 1
+    span = min(cfg.gelu_segments << c.gelu_seg_shift, lim + 1)
+    lut = gelu_fixed_numpy(np.arange(-span, span + 1, dtype=np.int64), cfg).astype(np.int32)
+    lut.flags.writeable = False
+    return span, lut
+
+
+#: Elements per task below which a compiled pass stays on the calling thread.
+_PAR_MIN = 1 << 16
+
+
+def _split_rows(R: int, per_row: int, run) -> None:
+    """``run(r0, r1)`` over ``[0, R)``: in one call, or in one contiguous share per
+    :func:`bct.model.matmul.set_threads` thread (the kernels release the GIL) when large."""
+    from bct.model import matmul
+
+    n = min(matmul._THREADS, R, max(1, R * per_row // _PAR_MIN))
+    if n <= 1:
+        run(0, R)
+        return
+    cuts = [R * i // n for i in range(n + 1)]
+    for f in [matmul._pool().submit(run, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
+        f.result()
+
+
 _KERNELS = None
 
 
@@ -380,7 +470,7 @@ def _kernels():
 
         import numba
 
-        @numba.njit(nogil=True, cache=True)
+        @numba.njit(nogil=True, cache=True, inline="always")
         def rs(x, s):  # round_shift on one element
             if s <= 0:
                 return x << -s if s > -64 else np.int64(0)
@@ -412,15 +502,19 @@ def _kernels():
                 r += 1
             return (r + 1) >> 1
 
+        @numba.njit(nogil=True, cache=True, inline="always")
+        def gelu_one(x, lim, span, lut):  # gelu_fixed of one input by the table
+            v = min(max(x, -lim), lim)
+            if v >= span:
+                return v
+            if v <= -span:
+                return np.int64(0)
+            return np.int64(lut[v + span])
+
         @numba.njit(nogil=True, cache=True)
-        def gelu(x, out, lo, slope, lim, seg_shift, segments, k):
-            segmask = (np.int64(1) << seg_shift) - 1
+        def gelu(x, out, lim, span, lut):
             for i in range(x.shape[0]):
-                v = min(max(x[i], -lim), lim)
-                a = abs(v)
-                idx = min(a >> seg_shift, segments)
-                h = rs((a & segmask) * slope[idx], seg_shift) + lo[idx]
-                out[i] = rs((max(v, 0) << k) - h, k)
+                out[i] = gelu_one(x[i], lim, span, lut)
 
         @numba.njit(nogil=True, cache=True)
         def to_frac(v, s, out, lim, bits):
@@ -509,6 +603,45 @@ def _kernels():
                         v = min(max(rs(y[r, k, i] * g[k, i], sh), -lim), lim)
                         out[r, k, i] = min(max(v + b[k, i], -lim), lim)
 
+        requant_rows = _requantize_kernels()[0]
+
+        @numba.njit(nogil=True, cache=True)
+        def gelu_blocks(mant, exp, frac, bits, lim, span, lut, s_out, qmax, e_min, e_max, obits,
+                        q, e):
+            R, nb, B = mant.shape
+            buf = np.empty((1, nb, B), dtype=np.int64)
+            srow = np.full(1, s_out, dtype=np.int64)
+            for r in range(R):
+                for j in range(nb):
+                    sh = max(-(exp[r, j] + frac), -bits)  # to_fixed
+                    for i in range(B):
+                        x = min(max(rs(mant[r, j, i], sh), -lim), lim)
+                        buf[0, j, i] = gelu_one(x, lim, span, lut)
+                requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
+
+        @numba.njit(nogil=True, cache=True)
+        def gelu_acc_rows(v, s, bits, lim, span, lut, s_out, qmax, e_min, e_max, obits, q, e):
+            R, nb, B = v.shape
+            buf = np.empty((1, nb, B), dtype=np.int64)
+            srow = np.full(1, s_out, dtype=np.int64)
+            for r in range(R):
+                sr = s[r]
+                kk = min(max(-sr, 0), bits)  # fixed_to_frac
+                room = lim >> kk
+                for j in range(nb):
+                    for i in range(B):
+                        x = v[r, j, i]
+                        if sr > 0:
+                            o = rs(x, sr)
+                        elif abs(x) <= room:
+                            o = min(max(x, -room), room) << kk
+                        else:
+                            o = lim if x > 0 else (-lim if x < 0 else 0)
+                        o = min(max(o, -lim), lim)
+                        buf[0, j, i] = gelu_one(o, lim, span, lut)
+                requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
+
         _KERNELS = SimpleNamespace(gelu=gelu, to_frac=to_frac, softmax=softmax,
-                                   layernorm=layernorm, affine=affine)
+                                   layernorm=layernorm, affine=affine, gelu_blocks=gelu_blocks,
+                                   gelu_acc_rows=gelu_acc_rows)
     return _KERNELS

@@ -16,8 +16,10 @@ from bct.model.nonlinear import (
     fixed_to_frac_numpy,
     gelu,
     gelu_acc,
+    gelu_acc_numpy,
     gelu_fixed,
     gelu_fixed_numpy,
+    gelu_numpy,
     layernorm,
     layernorm_affine,
     layernorm_affine_numpy,
@@ -347,3 +349,34 @@ def test_compiled_fixed_to_frac_equals_numpy(cfg):
     for frac, bits in ((cfg.gelu_frac, cfg.gelu_bits), (8, 17), (16, 33)):
         for x in (Fixed(v, scale), Fixed(v, np.int64(-20)), Fixed(v.reshape(4, 10, 16), scale.reshape(4, 10))):
             assert _same(fixed_to_frac(x, frac, bits), fixed_to_frac_numpy(x, frac, bits))
+
+
+@pytest.mark.parametrize("cfg", COMPILED_CFGS + [Config(gelu_frac=16, gelu_table_range=16)])
+def test_compiled_gelu_table_edges(cfg):
+    """The table's span and one past it on both sides, and the saturation limits."""
+    from bct.model.nonlinear import _gelu_lut
+    span, lut = _gelu_lut(cfg)
+    lim = (1 << (cfg.gelu_bits - 1)) - 1
+    x = np.array([v for d in (-2, -1, 0, 1, 2) for v in (span + d, -span + d, lim + d, -lim + d)])
+    assert _same(gelu_fixed(x, cfg), gelu_fixed_numpy(x, cfg))
+    assert lut.size == 2 * span + 1
+
+
+@pytest.mark.parametrize("cfg", COMPILED_CFGS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_fused_gelu_equals_numpy(cfg, threads):
+    """gelu / gelu_acc (one fused pass, rows shared among threads) == their numpy definitions."""
+    from bct.model import matmul
+    rng = np.random.default_rng(24)
+    t = encode(rng.standard_normal((3, 130, 8 * cfg.block_size)) * 3, cfg.act_format)
+    t.mant[0, 0] = 0  # an all-zero row
+    acc = Fixed(rng.integers(-(1 << 38), 1 << 38, size=(3, 130, 8 * cfg.block_size)),
+                rng.integers(-40, -20, size=(3, 130)))
+    before = matmul._THREADS
+    matmul.set_threads(threads)
+    try:
+        assert gelu(t, cfg) == gelu_numpy(t, cfg)
+        assert gelu(t[0], cfg) == gelu_numpy(t[0], cfg)
+        assert gelu_acc(acc, cfg) == gelu_acc_numpy(acc, cfg)
+    finally:
+        matmul.set_threads(before)
