@@ -29,6 +29,7 @@ __all__ = [
     "softmax_fixed",
     "softmax_fixed_numpy",
     "softmax",
+    "softmax_numpy",
     "tanh_fixed",
     "layernorm_fixed",
     "layernorm_fixed_numpy",
@@ -155,11 +156,13 @@ def softmax_fixed_numpy(x, cfg: Config, mask=None) -> np.ndarray:
     return round_shift(e * recip, c.recip_shift)
 
 
-def softmax(t: BlockTensor, cfg: Config, mask=None) -> BlockTensor:
-    """Softmax of block-format scores along the last axis, re-encoded to block format."""
+def softmax_numpy(t: BlockTensor, cfg: Config, mask=None) -> BlockTensor:
+    """Softmax of block-format scores along the last axis, re-encoded to block format:
+    ``to_fixed`` to ``cfg.softmax_frac``, :func:`softmax_fixed_numpy`, ``requantize`` (the
+    definition of :func:`softmax`, which computes the same in one fused compiled pass)."""
     x = to_fixed(t, cfg.softmax_frac, cfg.softmax_bits)
-    p = softmax_fixed(x, cfg, mask)
-    return requantize(p, -cfg.softmax_out_frac, cfg.act_format)
+    p = softmax_fixed_numpy(x, cfg, mask)
+    return requantize_numpy(p, -cfg.softmax_out_frac, cfg.act_format)
 
 
 def tanh_fixed(x, cfg: Config) -> np.ndarray:
@@ -409,6 +412,41 @@ def gelu_acc(x: Fixed, cfg: Config) -> BlockTensor:
         v3[r0:r1], s[r0:r1], cfg.gelu_bits, *a))
 
 
+def softmax(t: BlockTensor, cfg: Config, mask=None) -> BlockTensor:
+    """Softmax of block-format scores along the last axis, re-encoded to block format.
+
+    :func:`softmax_numpy` (``to_fixed``, :func:`softmax_fixed`, ``requantize``) fused into one
+    compiled pass per row (rows shared among the set_threads threads). The same integers, the
+    same error for a row without an unmasked element.
+    """
+    fmt = cfg.act_format
+    if t.fmt.block != fmt.block or t.mant.ndim < 1 or t.shape[-1] == 0:
+        return softmax_numpy(t, cfg, mask)
+    c = derive(cfg)
+    L = t.shape[-1]
+    R = int(np.prod(t.shape[:-1], dtype=np.int64))
+    nb = L // fmt.block
+    if mask is None:
+        m2, step = np.ones((1, L), dtype=np.bool_), 0
+    else:
+        m = np.broadcast_to(np.asarray(mask, dtype=bool), t.shape)
+        if not m.any(axis=-1).all():
+            raise ValueError("softmax: a row has no unmasked element")
+        m2, step = np.ascontiguousarray(m).reshape(R, L), 1
+    mant = np.ascontiguousarray(t.mant).reshape(R, nb, fmt.block)
+    exp = np.ascontiguousarray(t.exp).reshape(R, nb)
+    q = np.empty((R, nb, fmt.block), dtype=np.int64)
+    e = np.empty((R, nb), dtype=np.int64)
+    k = _kernels()
+    args = (cfg.softmax_frac, cfg.softmax_bits, (1 << (cfg.softmax_bits - 1)) - 1, c.log2e,
+            LOG2E_FRAC, _exp2_lut(cfg), np.int64(1) << (c.recip_shift + cfg.softmax_out_frac),
+            c.recip_shift, -cfg.softmax_out_frac, fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits)
+    _split_rows(R, L, lambda r0, r1: k.softmax_blocks(
+        mant[r0:r1], exp[r0:r1], m2[r0 * step:r1 * step + 1 - step], step, *args,
+        q[r0:r1], e[r0:r1]))
+    return BlockTensor(q.reshape(t.shape), e.reshape(t.exp.shape), fmt)
+
+
 def _gelu_rows(cfg: Config, shape: tuple, R: int, call) -> BlockTensor:
     """Run a fused GELU kernel ``call(kernels, r0, r1, *gelu args)`` over rows ``[r0, r1)``
     (split among the set_threads threads) into a new activation-format BlockTensor."""
@@ -641,7 +679,41 @@ def _kernels():
                         buf[0, j, i] = gelu_one(o, lim, span, lut)
                 requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
 
+        @numba.njit(nogil=True, cache=True)
+        def softmax_blocks(mant, exp, m, step, frac, bits, lim, log2e, l2frac, lut, recip_num,
+                           recip_shift, s_out, qmax, e_min, e_max, obits, q, e):
+            R, nb, B = mant.shape
+            fmask = (np.int64(1) << frac) - 1
+            x = np.empty(nb * B, dtype=np.int64)
+            buf = np.empty((1, nb, B), dtype=np.int64)
+            srow = np.full(1, s_out, dtype=np.int64)
+            for r in range(R):
+                mr = m[r * step]
+                for j in range(nb):  # to_fixed, saturated as softmax_fixed does
+                    sh = max(-(exp[r, j] + frac), -bits)
+                    for i in range(B):
+                        x[j * B + i] = min(max(rs(mant[r, j, i], sh), -lim), lim)
+                xmax = -lim
+                for j in range(nb * B):
+                    if mr[j]:
+                        xmax = max(xmax, x[j])
+                total = np.int64(0)
+                for j in range(nb * B):
+                    if mr[j]:
+                        u = -rs((x[j] - xmax) * log2e, l2frac)
+                        ej = rs(lut[u & fmask], u >> frac)
+                        x[j] = ej
+                        total += ej
+                    else:
+                        x[j] = 0
+                recip = rdiv(recip_num, total)
+                for j in range(nb):
+                    for i in range(B):
+                        buf[0, j, i] = rs(x[j * B + i] * recip, recip_shift)
+                requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
+
         _KERNELS = SimpleNamespace(gelu=gelu, to_frac=to_frac, softmax=softmax,
                                    layernorm=layernorm, affine=affine, gelu_blocks=gelu_blocks,
-                                   gelu_acc_rows=gelu_acc_rows)
+                                   gelu_acc_rows=gelu_acc_rows,
+                                   softmax_blocks=softmax_blocks)
     return _KERNELS

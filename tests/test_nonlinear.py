@@ -29,6 +29,7 @@ from bct.model.nonlinear import (
     softmax,
     softmax_fixed,
     softmax_fixed_numpy,
+    softmax_numpy,
     tanh_fixed,
 )
 
@@ -378,5 +379,29 @@ def test_compiled_fused_gelu_equals_numpy(cfg, threads):
         assert gelu(t, cfg) == gelu_numpy(t, cfg)
         assert gelu(t[0], cfg) == gelu_numpy(t[0], cfg)
         assert gelu_acc(acc, cfg) == gelu_acc_numpy(acc, cfg)
+    finally:
+        matmul.set_threads(before)
+
+
+@pytest.mark.parametrize("cfg", COMPILED_CFGS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_fused_softmax_equals_numpy(cfg, threads):
+    """softmax (one fused pass, rows shared among threads) == its numpy definition, with key
+    masks, full masks and none; the same error for a fully masked row."""
+    from bct.model import matmul
+    rng = np.random.default_rng(25)
+    L = 4 * cfg.block_size
+    s = encode(rng.standard_normal((4, 3, 70, L)) * rng.uniform(0.1, 30, (4, 3, 70, 1)), cfg.act_format)
+    key = rng.random((4, 1, 1, L)) < 0.5
+    key[:, :, :, 1] = True
+    full = rng.random(s.shape) < 0.2
+    full[..., -1] = True
+    before = matmul._THREADS
+    matmul.set_threads(threads)
+    try:
+        for mask in (None, key, full):
+            assert softmax(s, cfg, mask) == softmax_numpy(s, cfg, mask)
+        with pytest.raises(ValueError, match="a row has no unmasked element"):
+            softmax(s, cfg, np.zeros(L, dtype=bool))
     finally:
         matmul.set_threads(before)
