@@ -347,11 +347,13 @@ def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
     eps = np.array([ln_eps_units(c, N, int(s), LN_D_CAP) for s in uniq], dtype=np.int64)[inverse]
     R = int(np.prod(v.shape[:-1], dtype=np.int64))
     out = np.empty(v.shape, dtype=np.int64)
-    ok = _kernels().layernorm(
-        np.ascontiguousarray(v).reshape(R, N), np.ascontiguousarray(eps).reshape(R),
-        out.reshape(R, N), cfg.add_bound, LN_D_CAP, cfg.ln_sqrt_bits, c.ln_recip_shift,
-        cfg.ln_frac)
-    if not ok:
+    v2, eps, o2 = np.ascontiguousarray(v).reshape(R, N), np.ascontiguousarray(eps).reshape(R), out.reshape(R, N)
+    oks = []  # each share checks the bound before computing (an error leaves ``out`` unused)
+    k = _kernels()
+    _split_rows(R, N, lambda r0, r1: oks.append(k.layernorm(
+        v2[r0:r1], eps[r0:r1], o2[r0:r1], cfg.add_bound, LN_D_CAP, cfg.ln_sqrt_bits,
+        c.ln_recip_shift, cfg.ln_frac)))
+    if not all(oks):
         raise ValueError(f"LayerNorm input exceeds the config's bound {cfg.add_bound}")
     return out
 
