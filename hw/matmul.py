@@ -350,12 +350,14 @@ class MatmulArray(wiring.Component):
         b_row = Signal.like(self.bias.payload.row_shift, reset_less=True)
         # Bias input: the holding register ``bin`` samples the bus on every cycle it is free
         # (enable: per-column copies of ``~bin_full``; ``ready`` is ``~bin_full``)
-        # and moves into the bias registers on ``xfer``, a register computed a cycle ahead,
+        # and moves into the bias registers a cycle after ``xfer`` (a register computed a
+        # cycle ahead, driving only the control and its C + 1 load-enable copies ``xfer_c``),
         # so neither the input valid nor a LUT sits in front of those enables.
         bin_ = Signal.like(self.bias.payload, reset_less=True)
         bin_full = Signal()
         bin_free_c = [Signal(init=1, name=f"bin_free_{c}", attrs=replica) for c in range(C + 1)]
         xfer = Signal()
+        xfer_d = Signal()  # the bias registers load now (= xfer_c)
         xfer_c = [Signal(name=f"xfer_{c}", attrs=replica) for c in range(C + 1)]
 
         # Control, all registers: pop (a drain row leaves: it has its bias and a credit) and
@@ -391,7 +393,7 @@ class MatmulArray(wiring.Component):
             pop_c = full_ & bias_full_ & ~zero
             pop_last_c = pop_c & (row == R - 1)
             full_n = Mux(finish, 1, Mux(pop_last_c, 0, full_))  # (admission: never both)
-            bias_full_n = Mux(xfer, 1, Mux(pop_last_c, 0, bias_full_))
+            bias_full_n = Mux(xfer_d, 1, Mux(pop_last_c, 0, bias_full_))
             row_n = Mux(pop_c, Mux(row == R - 1, 0, row + 1), row)
             dec, inc = pop_c & ~back_r, back_r & ~pop_c
             credits_n = Mux(dec, credits - 1, Mux(inc, credits + 1, credits))
@@ -408,11 +410,12 @@ class MatmulArray(wiring.Component):
             row_pop_n = control(f"_r{r}", replica)[3]
             m.d.sync += [p.eq(row_pop_n) for p in pop_pe[r]]
         bin_full_n = Mux(accept, 1, Mux(xfer, 0, bin_full))
-        # the bias registers are free next cycle, or their tile's last row pops then (o1
-        # samples the old bias at the edge that loads the new one)
+        # xfer next cycle if the bias registers are free then or their tile's last row pops
+        # then (o1 samples it at that edge); they load one cycle later, and bias_full (hence
+        # the first pop of the new tile) follows the load
         xfer_n = bin_full_n & (~bias_full_n | pop_last_n)
         m.d.sync += [bin_full.eq(bin_full_n), *[f.eq(~bin_full_n) for f in bin_free_c],
-                     xfer.eq(xfer_n), *[x.eq(xfer_n) for x in xfer_c]]
+                     xfer.eq(xfer_n), xfer_d.eq(xfer), *[x.eq(xfer) for x in xfer_c]]
         m.d.sync += [back_r.eq(back), s4_done.eq(s3_done), s4_last.eq(s4_last_n),
                      pop.eq(pop_n),
                      inflight.eq(Mux(take & self.act.payload.last, 1,
