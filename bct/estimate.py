@@ -199,12 +199,17 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
     ff_mul = 0 if dsp else (a + op) + (a + op)
     ff_pe = ff_mul + bp + ub + 4 * W + acc + acc
     ff_ctl = 2 * ((R + C) * sb + 4) + 16
-    # fan-out copies: four PE flags (a copy per row, then per PE), pop (per PE of the rows
-    # that shift), the output FIFO's write enable and addresses (per column)
+    # fan-out copies: five PE flags (a copy per row, then per PE), pop (per PE of the rows
+    # that shift) and the drain control state it comes from (per shifting row), the output
+    # FIFO's write enable, addresses and level != 0 flag (per column), the bias holding
+    # register's enable and load copies (per column, plus one for the row shifts)
     depth = MatmulArray.output_depth(cfg)  # output FIFO rows
-    ff_ctl += 4 * (R + pes) + max(R - 1, 1) * C + C * (1 + 2 * (depth - 1).bit_length())
+    state = 4 + (R - 1).bit_length() + depth.bit_length()  # full, bias_full, zero, one, row, credits
+    ff_ctl += (5 * (R + pes) + (R - 1) * (C + state)
+               + C * (2 + 2 * (depth - 1).bit_length()) + 2 * (C + 1) + 3)
     bt = vb + G + 2  # the stored bias (qb << G+1) - (qb < 0)
-    ff_out = (C * (bt + bsb) + R * bsb                              # bias beat
+    ff_out = (C * (vb + bsb) + R * bsb                              # bias holding register
+              + C * (bt + bsb) + R * bsb                            # bias registers
               + C * (acc + bt + (2 * bias_shift_max).bit_length())  # o1
               + C * (acc + bt + 3) + 2 * C * (acc + bt)             # o2, o3, o4
               + C * acc + 16)                                       # write data, control
