@@ -378,8 +378,8 @@ class MatmulArray(wiring.Component):
         s4_last_n = Mux(s3_done, s3_last, s4_last)
 
         def control(tag, attrs, full_=None):
-            """One copy of the drain state; returns its full / bias_full / pop / pop_last
-            next-state expressions. A credit comes back one cycle after its row left the
+            """One copy of the drain state; returns its ``full`` register and the next
+            state of full, bias_full, pop and pop_last. A credit comes back one cycle after its row left the
             FIFO (back_r), so the credit test starts at registers: credits_n == 0 only if no
             credit comes back and either none is left or the last one is taken (zero / one:
             flags of credits; the candidates credits - 1, + 1 and their tests come from

@@ -301,14 +301,9 @@ def _requantize_kernels():
     if _KERNELS is None:
         import numba
 
-        @numba.njit(nogil=True, cache=True)
-        def bitlen(v):  # int.bit_length of v >= 0, by halving the width
-            n = 0
-            for w in (32, 16, 8, 4, 2, 1):
-                if v >> w:
-                    v >>= w
-                    n += w
-            return n + (v > 0)
+        from bct.model.fixed import scalar_kernels
+
+        bitlen, rs = scalar_kernels().bit_length, scalar_kernels().round_shift
 
         @numba.njit(nogil=True, cache=True)
         def min_shift(m, qmax):
@@ -323,13 +318,7 @@ def _requantize_kernels():
 
         @numba.njit(nogil=True, cache=True)
         def shift_sat(x, sh, qmax):  # round_shift(x, sh) saturated to +-qmax
-            if sh <= 0:
-                v = x << -sh if sh > -64 else 0
-            elif sh > 62:
-                v = 0
-            else:
-                v = (x + (np.int64(1) << (sh - 1)) - (x < 0)) >> sh
-            return min(max(v, -qmax), qmax)
+            return min(max(rs(x, sh), -qmax), qmax)
 
         @numba.njit(nogil=True, cache=True)
         def rows(y, s, q, e, qmax, e_min, e_max, bits):

@@ -54,24 +54,62 @@ def round_shift(x, s):
     return np.asarray(_round_shift_ufunc()(x, s))
 
 
+_SCALAR = None
+
+
+def scalar_kernels():
+    """The rounding rules of this module on one int64 element, compiled (numba; on first use,
+    cached on disk) for the other modules' kernels: ``round_shift(x, s)`` (``(x + 2**(s-1) -
+    (x < 0)) >> s`` for ``1 <= s <= 62``, 0 for larger ``s``, ``x << -s`` for ``s <= 0``, 0 for
+    shifts of 64 or more, like numpy), ``round_div(n, d)`` (``d > 0``) and ``bit_length(v)``
+    (``v >= 0``)."""
+    global _SCALAR
+    if _SCALAR is None:
+        from types import SimpleNamespace
+
+        import numba
+
+        @numba.njit(nogil=True, cache=True, inline="always")
+        def round_shift_one(x, s):
+            if s <= 0:
+                return x << -s if s > -64 else np.int64(0)
+            if s > _MAX_SHIFT:
+                return np.int64(0)
+            return (x + (np.int64(1) << (s - 1)) - (x < 0)) >> s
+
+        @numba.njit(nogil=True, cache=True)
+        def round_div_one(n, d):
+            q = (2 * abs(n) + d) // (2 * d)
+            return -q if n < 0 else q
+
+        @numba.njit(nogil=True, cache=True)
+        def bit_length_one(v):  # by halving the width
+            n = 0
+            for w in (32, 16, 8, 4, 2, 1):
+                if v >> w:
+                    v >>= w
+                    n += w
+            return n + (v > 0)
+
+        _SCALAR = SimpleNamespace(round_shift=round_shift_one, round_div=round_div_one,
+                                  bit_length=bit_length_one)
+    return _SCALAR
+
+
 _UFUNC = None
 
 
 def _round_shift_ufunc():
-    """:func:`round_shift` on one element, as a numpy ufunc (numba; compiled on first use and
-    cached on disk): ``(x + 2**(s-1) - (x < 0)) >> s`` for ``1 <= s <= 62``, 0 for larger
-    ``s``, ``x << -s`` for ``s <= 0`` (0 for shifts of 64 or more, like numpy)."""
+    """:func:`round_shift` on one element (:func:`scalar_kernels`), as a numpy ufunc."""
     global _UFUNC
     if _UFUNC is None:
         import numba
 
+        rs = scalar_kernels().round_shift
+
         @numba.vectorize(["int64(int64, int64)"], nopython=True, cache=True)
         def round_shift_one(x, s):
-            if s <= 0:
-                return x << -s if s > -64 else 0
-            if s > _MAX_SHIFT:
-                return 0
-            return (x + (np.int64(1) << (s - 1)) - (x < 0)) >> s
+            return rs(x, s)
 
         _UFUNC = round_shift_one
     return _UFUNC

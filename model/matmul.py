@@ -181,6 +181,10 @@ def _round_sum():
 
         import numba
 
+        from bct.model.fixed import scalar_kernels
+
+        rs = scalar_kernels().round_shift
+
         @numba.njit(nogil=True, cache=True)
         def round_sum(t, out, bm, be, sc):
             C, nb, R, N = t.shape
@@ -201,14 +205,8 @@ def _round_sum():
                         o[n] = np.int64(acc[n])
                     for k in range(nbb):
                         s = sc[c, r] - be[k]
-                        if s <= 0:
-                            for i in range(k * Bv, (k + 1) * Bv):
-                                o[i] += bm[i] << -s
-                        elif s <= 62:
-                            a = (np.int64(1) << (s - 1))
-                            for i in range(k * Bv, (k + 1) * Bv):
-                                b = bm[i]
-                                o[i] += (b + a - (b < 0)) >> s
+                        for i in range(k * Bv, (k + 1) * Bv):
+                            o[i] += rs(bm[i], s)
 
         @numba.njit(nogil=True, cache=True)
         def scale_left(mant, sx, out):  # out[l, j, m, :] = mant[l, m, j, :] * 2**-sx[l, m, j]

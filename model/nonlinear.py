@@ -510,27 +510,10 @@ def _kernels():
 
         import numba
 
-        @numba.njit(nogil=True, cache=True, inline="always")
-        def rs(x, s):  # round_shift on one element
-            if s <= 0:
-                return x << -s if s > -64 else np.int64(0)
-            if s > 62:
-                return np.int64(0)
-            return (x + (np.int64(1) << (s - 1)) - (x < 0)) >> s
+        from bct.model.fixed import scalar_kernels
 
-        @numba.njit(nogil=True, cache=True)
-        def rdiv(n, d):  # round_div on one element, d > 0
-            q = (2 * abs(n) + d) // (2 * d)
-            return -q if n < 0 else q
-
-        @numba.njit(nogil=True, cache=True)
-        def bitlen(v):  # int.bit_length of v >= 0
-            n = 0
-            for w in (32, 16, 8, 4, 2, 1):
-                if v >> w:
-                    v >>= w
-                    n += w
-            return n + (v > 0)
+        one = scalar_kernels()
+        rs, rdiv, bitlen = one.round_shift, one.round_div, one.bit_length
 
         @numba.njit(nogil=True, cache=True)
         def sqrt_round(d):  # sqrt_round_int on one element
@@ -574,9 +557,30 @@ def _kernels():
                     out[r, j] = min(max(o, -lim), lim)
 
         @numba.njit(nogil=True, cache=True)
+        def softmax_row(x, mr, e, out, log2e, l2frac, frac, lut, recip_num, recip_shift):
+            """softmax_fixed of one row ``x`` (already saturated to +-lim) under the mask
+            row ``mr`` (at least one element set) into ``out``; ``e`` is scratch."""
+            fmask = (np.int64(1) << frac) - 1
+            xmax = np.int64(-(1 << 62))
+            for j in range(x.shape[0]):
+                if mr[j]:
+                    xmax = max(xmax, x[j])
+            total = np.int64(0)
+            for j in range(x.shape[0]):
+                if mr[j]:
+                    u = -rs((x[j] - xmax) * log2e, l2frac)
+                    ej = rs(lut[u & fmask], u >> frac)
+                    e[j] = ej
+                    total += ej
+                else:
+                    e[j] = 0
+            recip = rdiv(recip_num, total)
+            for j in range(x.shape[0]):
+                out[j] = rs(e[j] * recip, recip_shift)
+
+        @numba.njit(nogil=True, cache=True)
         def softmax(x, m, step, out, lim, log2e, l2frac, frac, lut, recip_num, recip_shift):
             R, L = x.shape
-            fmask = (np.int64(1) << frac) - 1
             for r in range(R):  # every row needs an unmasked element (checked first, as numpy)
                 mr = m[r * step]
                 found = False
@@ -586,26 +590,13 @@ def _kernels():
                         break
                 if not found:
                     return False
+            xc = np.empty(L, dtype=np.int64)
             e = np.empty(L, dtype=np.int64)
             for r in range(R):
-                mr = m[r * step]
-                xr = x[r]
-                xmax = -lim
                 for j in range(L):
-                    if mr[j]:
-                        xmax = max(xmax, min(max(xr[j], -lim), lim))
-                total = np.int64(0)
-                for j in range(L):
-                    if mr[j]:
-                        u = -rs((min(max(xr[j], -lim), lim) - xmax) * log2e, l2frac)
-                        ej = rs(lut[u & fmask], u >> frac)
-                        e[j] = ej
-                        total += ej
-                    else:
-                        e[j] = 0
-                recip = rdiv(recip_num, total)
-                for j in range(L):
-                    out[r, j] = rs(e[j] * recip, recip_shift)
+                    xc[j] = min(max(x[r, j], -lim), lim)
+                softmax_row(xc, m[r * step], e, out[r], log2e, l2frac, frac, lut, recip_num,
+                            recip_shift)
             return True
 
         @numba.njit(nogil=True, cache=True)
@@ -685,33 +676,18 @@ def _kernels():
         def softmax_blocks(mant, exp, m, step, frac, bits, lim, log2e, l2frac, lut, recip_num,
                            recip_shift, s_out, qmax, e_min, e_max, obits, q, e):
             R, nb, B = mant.shape
-            fmask = (np.int64(1) << frac) - 1
             x = np.empty(nb * B, dtype=np.int64)
+            scratch = np.empty(nb * B, dtype=np.int64)
             buf = np.empty((1, nb, B), dtype=np.int64)
+            probs = buf.reshape(nb * B)
             srow = np.full(1, s_out, dtype=np.int64)
             for r in range(R):
-                mr = m[r * step]
                 for j in range(nb):  # to_fixed, saturated as softmax_fixed does
                     sh = max(-(exp[r, j] + frac), -bits)
                     for i in range(B):
                         x[j * B + i] = min(max(rs(mant[r, j, i], sh), -lim), lim)
-                xmax = -lim
-                for j in range(nb * B):
-                    if mr[j]:
-                        xmax = max(xmax, x[j])
-                total = np.int64(0)
-                for j in range(nb * B):
-                    if mr[j]:
-                        u = -rs((x[j] - xmax) * log2e, l2frac)
-                        ej = rs(lut[u & fmask], u >> frac)
-                        x[j] = ej
-                        total += ej
-                    else:
-                        x[j] = 0
-                recip = rdiv(recip_num, total)
-                for j in range(nb):
-                    for i in range(B):
-                        buf[0, j, i] = rs(x[j * B + i] * recip, recip_shift)
+                softmax_row(x, m[r * step], scratch, probs, log2e, l2frac, frac, lut, recip_num,
+                            recip_shift)
                 requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
 
         _KERNELS = SimpleNamespace(gelu=gelu, to_frac=to_frac, softmax=softmax,
