@@ -12,10 +12,12 @@ exponent, so the shift ``s = scale[m] - ex[m,j] - ew[n,j] = dx[m,j] + dw[n,j]`` 
 ``round_shift(P, s)``; the accumulator therefore never exceeds ``Config.acc_bound`` and has
 ``Config.acc_bits`` bits (proof in docs/arithmetic.md).
 
-The fast path is one batched GEMM over the K-blocks of the operands pre-scaled by (clamped)
-powers of two, giving every block term ``P * 2**-s`` exactly (float32 when the block products
-fit its significand, else float64), then the rounding and the sum over blocks, all exact (see
-``_blocked_gemm``).
+The fast path computes each K-block's integer products ``P`` with an int8 GEMM
+(``torch._int_mm``, int32 results) when both operands' mantissas fit int8, then adds
+``round_shift(P, s)`` per element with integer maths only; other operands (wider than 8 bits)
+take one batched float GEMM over the K-blocks pre-scaled by (clamped) powers of two, giving every
+block term ``P * 2**-s`` exactly (float32 when the block products fit its significand, else
+float64), then the rounding and the sum over blocks, all exact (see ``_blocked_gemm``).
 :func:`matmul_pyint` is the same definition in plain Python ints, the oracle of the tests.
 """
 
@@ -263,11 +265,244 @@ def _prepare_right(w: BlockTensor, B: int, dt: type, p: int, G: int) -> tuple[np
     return out
 
 
+#: Which block GEMM :func:`_blocked_gemm` runs: ``"auto"`` (int8 when :func:`_int8_fits`, else
+#: float), ``"int8"`` (int8 whenever the mantissas fit int8 and ``torch._int_mm`` is exact here)
+#: or ``"float"``. The tests switch it; every choice gives the same integers.
+_GEMM_PATH = "auto"
+
+#: ``"auto"`` takes the int8 path only for matrices of at least this many outputs ``M * N``:
+#: one ``torch._int_mm`` call per K-block costs ~10 us, more than the float path's share of
+#: a small attention head (batched by numpy in one call).
+_INT8_MIN_OUTPUTS = 1 << 14
+
+_TORCH = None  # torch, once imported and checked; False when the int8 GEMM is unavailable
+
+
+def _int8_torch():
+    """``torch`` if ``torch._int_mm`` computes exact int32 products of int8 matrices here, else
+    None (imported on first use; checked once on the extreme operands ``+-127`` at inner length
+    128, where a kernel with 16-bit intermediate sums would saturate, and on seeded random ones)."""
+    global _TORCH
+    if _TORCH is None:
+        _TORCH = False
+        try:
+            import torch
+
+            rng = np.random.default_rng(0)
+            a = np.full((24, 128), 127, dtype=np.int8)
+            a[1::2] = -127
+            a[2::3, ::2] = -127
+            b = rng.integers(-127, 128, size=(128, 40)).astype(np.int8)
+            b[:, 0], b[:, 1], b[::2, 2] = 127, -127, -127
+            b[1::2, 2] = 127
+            for x, y in ((a, b), (b.T.copy(), a.T.copy()), (a[:5, :7], b[:7, :3])):
+                got = torch._int_mm(torch.from_numpy(x), torch.from_numpy(y)).numpy()
+                if not np.array_equal(got.astype(np.int64), x.astype(np.int64) @ y.astype(np.int64)):
+                    raise ArithmeticError("torch._int_mm is not exact")
+            _TORCH = torch
+        except (ImportError, AttributeError, RuntimeError, ArithmeticError):
+            pass
+    return _TORCH or None
+
+
+def _int8_fits(x: BlockTensor, w: BlockTensor) -> bool:
+    """Whether :func:`_blocked_gemm` takes the int8 path for ``x @ w.T`` (see ``_GEMM_PATH``):
+    both mantissa ranges within int8 (``qmax <= 127``; the symmetric ranges never hold -128),
+    block products ``|P| <= 128 * 127 * 127 < 2**31`` (int32), and ``torch._int_mm`` exact."""
+    if _GEMM_PATH == "float" or max(x.fmt.qmax, w.fmt.qmax) > 127:
+        return False
+    if _GEMM_PATH == "auto" and x.shape[-2] * w.shape[-2] < _INT8_MIN_OUTPUTS:
+        return False
+    return _int8_torch() is not None
+
+
+_SHIFT_SUM = None
+
+
+def _shift_sum():
+    """The compiled integer pass of the int8 path (numba; compiled on first use, cached on disk).
+
+    ``shift_sum(p, rows, out, l, m0, sx, sw, bm, be, sc)``: for the int32 block products
+    ``p[j, r, n]`` of rows ``m0 .. m0 + rows - 1`` of batch element ``l``,
+    ``out[l, m0 + r, n] = sum_j round_shift(p[j, r, n], sx[l, m0 + r, j] + sw[l, j, n])``
+    (:func:`bct.model.fixed.round_shift` on scalars: the one rounding rule, integers only),
+    plus, when ``bm`` is not empty, the bias term ``round_shift(bm[n], sc[l, m] - be[n // Bv])``.
+    Every array is C-contiguous (so the loop over ``n`` vectorises).
+    """
+    global _SHIFT_SUM
+    if _SHIFT_SUM is None:
+        import numba
+
+        from bct.model.fixed import scalar_kernels
+
+        rs = scalar_kernels().round_shift
+
+        @numba.njit(nogil=True, cache=True)
+        def shift_sum(p, rows, out, l, m0, j0, sx, sw, bm, be, sc):
+            g, _, N = p.shape
+            nbb = be.shape[0]
+            Bv = N // nbb if nbb else 0
+            for r in range(rows):
+                m = m0 + r
+                o = out[l, m]
+                if j0 == 0:
+                    o[:] = 0
+                for jj in range(g):
+                    pj = p[jj, r]
+                    swj = sw[l, j0 + jj]
+                    a = sx[l, m, j0 + jj]
+                    for n in range(N):
+                        o[n] += rs(np.int64(pj[n]), a + swj[n])
+                if j0 + g == sw.shape[1]:
+                    for k in range(nbb):
+                        s = sc[l, m] - be[k]
+                        for i in range(k * Bv, (k + 1) * Bv):
+                            o[i] += rs(bm[i], s)
+
+        _SHIFT_SUM = shift_sum
+    return _SHIFT_SUM
+
+
+#: Rows per chunk of the int8 path (at most; chunks as even as possible): each
+#: ``torch._int_mm`` call costs some microseconds, so calls are kept large.
+_INT8_ROWS = 128
+#: Block products per call of the int8 path's compiled pass (int32: 256 kB, in cache with the
+#: chunk's output rows).
+_INT8_GROUP = 1 << 16
+
+
+def _prepare_right_int8(w: BlockTensor, B: int):
+    """``w``'s mantissas as int8 blocks ``(L * nb)`` torch views of ``(B, N)``, its column shifts
+    ``ew_max - ew`` as int64 ``(L, nb, N)`` and its largest exponents ``(..., 1, 1)``; kept per
+    2-D right operand like :func:`_prepare_right`."""
+    key = (B, "int8")
+    entry = _PREPARED.get(id(w))
+    if entry is not None and entry[0]() is w and key in entry[1]:
+        return entry[1][key]
+    torch = _int8_torch()
+    wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
+    ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
+    N, nb = we.shape[-2:]
+    L = int(np.prod(we.shape[:-2], dtype=np.int64))
+    wq = np.ascontiguousarray(wm.reshape(L, N, nb, B).transpose(0, 2, 3, 1), dtype=np.int8)
+    sw = np.ascontiguousarray((ew_max - we).reshape(L, N, nb).transpose(0, 2, 1), dtype=np.int64)
+    out = (torch.from_numpy(wq).view(L * nb, B, N).unbind(0), sw, ew_max)
+    if w.mant.ndim == 2:
+        if entry is None or entry[0]() is not w:
+            ref = weakref.ref(w, lambda _, i=id(w): _PREPARED.pop(i, None))
+            entry = _PREPARED[id(w)] = (ref, {})
+        entry[1][key] = out
+    return out
+
+
+def _chunks(L: int, M: int, per_row: int) -> list[tuple[int, int, int, int]]:
+    """``(l0, l1, m0, m1)`` chunks of about ``_CHUNK`` block products: rows of one matrix, or
+    whole small matrices of the batch."""
+    per_row = max(per_row, 1)
+    if M * per_row <= _CHUNK:  # small matrices (attention heads): chunks of batch elements
+        step = max(1, _CHUNK // (M * per_row))
+        return [(l0, min(l0 + step, L), 0, M) for l0 in range(0, L, step)]
+    step = max(1, _CHUNK // per_row)
+    return [(l, l + 1, m0, min(m0 + step, M)) for l in range(L) for m0 in range(0, M, step)]
+
+
+def _run_tasks(run, tasks: list) -> None:
+    """``run(part)`` over the chunks, shared among :func:`set_threads` threads."""
+    threads = min(_THREADS, len(tasks))
+    if threads <= 1:
+        run(tasks)
+    else:
+        parts = [tasks[i::threads] for i in range(threads)]
+        for f in [_pool().submit(run, part) for part in parts]:
+            f.result()
+
+
+def _bias_arrays(bias: BlockTensor | None) -> tuple[np.ndarray, np.ndarray]:
+    if bias is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return bias.mant, bias.exp
+
+
 def _blocked_gemm(
     x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int, bias: BlockTensor | None = None
 ) -> np.ndarray:
+    """The accumulator ``sum_j round_shift(P[m,n,j], s)`` (plus the bias, each bias element
+    ``round_shift(b, scale - e_b)``): :func:`_blocked_gemm_int8` when :func:`_int8_fits`, else
+    :func:`_blocked_gemm_float`. Both give the same integers."""
+    if _int8_fits(x, w):
+        return _blocked_gemm_int8(x, w, scale, bias)
+    return _blocked_gemm_float(x, w, scale, G, bias)
+
+
+def _blocked_gemm_int8(
+    x: BlockTensor, w: BlockTensor, scale: np.ndarray, bias: BlockTensor | None = None
+) -> np.ndarray:
+    """The accumulator from int8 GEMMs of the K-blocks, in integers only.
+
+    The rows of each batch element are cut into chunks of ``R`` rows (about ``_INT8_CHUNK``
+    block products; the last chunk padded with zero rows). Per chunk, one ``torch._int_mm`` per
+    K-block ``j`` (int8 ``(R, B) @ (B, N)``, inner length B) gives the exact block products
+    ``P_j`` in int32 (``|P| <= B qx qw <= 128 * 127**2 < 2**31``; the backend is checked once by
+    :func:`_int8_torch`), and the compiled pass :func:`_shift_sum` adds ``round_shift(P_j, s)``
+    with the exact shift ``s = sx[m, j] + sw[n, j]`` (``sx = scale - ex - max ew``,
+    ``sw = max ew - ew``; no clamps) and the bias term. The chunks are shared among
+    :func:`set_threads` threads; torch runs one intra-op thread in each (its thread count is
+    restored afterwards).
+    """
+    torch = _int8_torch()
+    B = x.fmt.block
+    tw, sw, ew_max = _prepare_right_int8(w, B)  # L * nb views (B, N), (L, nb, N), (..., 1, 1)
+    lead = x.shape[:-2]
+    M, N = x.shape[-2], w.shape[-2]
+    nb = x.exp.shape[-1]
+    L = int(np.prod(lead, dtype=np.int64))
+    out = np.empty((L, M, N), dtype=np.int64)
+    if out.size == 0:
+        return out.reshape(lead + (M, N))
+    nch = -(-M // min(M, _INT8_ROWS))
+    R = -(-M // nch)  # rows per chunk, as even as possible
+    g = max(1, min(nb, _INT8_GROUP // (R * N)))  # K-blocks per call of the compiled pass
+    sx = np.ascontiguousarray((scale[..., None] - x.exp - ew_max).reshape(L, M, nb), dtype=np.int64)
+    xq = np.zeros((L, nch * R, nb, B), dtype=np.int8)
+    xq[:, :M] = x.blocks.reshape(L, M, nb, B)
+    # (L, nch, nb, R, B): block j of chunk c is one contiguous (R, B) matrix
+    xq = np.ascontiguousarray(xq.reshape(L, nch, R, nb, B).transpose(0, 1, 3, 2, 4))
+    tx = torch.from_numpy(xq).view(L * nch * nb, R, B).unbind(0)
+    bm, be = _bias_arrays(bias)
+    sc = np.ascontiguousarray(np.broadcast_to(scale, lead + (M,)).reshape(L, M))
+    shift_sum = _shift_sum()
+    int_mm = torch._int_mm
+    tasks = [(l, c) for l in range(L) for c in range(nch)]
+
+    def run(part):
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        p = np.empty((g, R, N), dtype=np.int32)
+        tp = torch.from_numpy(p).unbind(0)
+        for l, c in part:
+            i = (l * nch + c) * nb
+            m0 = c * R
+            rows = min(R, M - m0)
+            for j0 in range(0, nb, g):
+                k = min(g, nb - j0)
+                for jj in range(k):
+                    int_mm(tx[i + j0 + jj], tw[l * nb + j0 + jj], out=tp[jj])
+                shift_sum(p[:k], rows, out, l, m0, j0, sx, sw, bm, be, sc)
+
+    saved = torch.get_num_threads()
+    try:
+        _run_tasks(run, tasks)
+    finally:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
+    return out.reshape(lead + (M, N))
+
+
+def _blocked_gemm_float(
+    x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int, bias: BlockTensor | None = None
+) -> np.ndarray:
     """The accumulator ``sum_j round(P[m,n,j] * 2**-s)`` (plus the bias, each bias element
-    ``round_shift(b, scale - e_b)``) via batched GEMMs of the K-blocks.
+    ``round_shift(b, scale - e_b)``) via batched float GEMMs of the K-blocks.
 
     Each operand block is pre-scaled by its (clamped) power of two, ``x * 2**-sx'`` and
     ``w * 2**-sw'`` with ``sx' = min(sx, p)`` and ``sw' = min(sw, p + G)``, so one GEMM per
@@ -310,17 +545,7 @@ def _blocked_gemm(
     xs = np.empty((L, nb, M, B), dtype=dt)
     scale_left(np.ascontiguousarray(x.blocks).reshape(L, M, nb, B),
                np.ascontiguousarray(sx).reshape(L, M, nb), xs)
-    per_row = max(nb * N, 1)
-    if M * per_row <= _CHUNK:  # small matrices (attention heads): chunks of batch elements
-        step = max(1, _CHUNK // (M * per_row))
-        tasks = [(l0, min(l0 + step, L), 0, M) for l0 in range(0, L, step)]
-    else:
-        step = max(1, _CHUNK // per_row)
-        tasks = [(l, l + 1, m0, min(m0 + step, M)) for l in range(L) for m0 in range(0, M, step)]
-    if bias is None:
-        bm, be = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    else:
-        bm, be = bias.mant, bias.exp
+    bm, be = _bias_arrays(bias)
     sc = np.ascontiguousarray(np.broadcast_to(scale, lead + (M,)).reshape(L, M))
 
     def run(part):
@@ -334,14 +559,8 @@ def _blocked_gemm(
             np.matmul(xs[l0:l1, :, m0:m1], ws[l0:l1], out=t)
             round_sum(t, out[l0:l1, m0:m1], bm, be, sc[l0:l1, m0:m1])
 
-    threads = min(_THREADS, len(tasks))
     with _one_blas_thread():
-        if threads <= 1:
-            run(tasks)
-        else:
-            parts = [tasks[i::threads] for i in range(threads)]
-            for f in [_pool().submit(run, part) for part in parts]:
-                f.result()
+        _run_tasks(run, _chunks(L, M, nb * N))
     return out.reshape(lead + (M, N))
 
 
