@@ -7,7 +7,8 @@ the integer block GEMMs' threads, :func:`bct.model.matmul.set_threads`, are all 
 pass by pass for ``--repeat`` rounds, so a changing machine load hits both alike; ``ratio`` is
 best against best, ``ratio_median_of_rounds`` the median of the per-round ratios. The integer
 forward is also timed per stage (the kernels :mod:`bct.model.integer` calls, wrapped by timers)
-in a separate pass, and ``--profile N`` adds the N functions with the largest own time under
+in a separate pass (``--gemm-path float`` times the float block GEMMs instead of the default
+choice, for comparison), and ``--profile N`` adds the N functions with the largest own time under
 cProfile (a further pass; profiling overhead is not in the throughput figures).
 
 Sentences: the first ``--rows`` rows of SST-2 dev from ``$BCT_GLUE_DIR``, or a built-in list
@@ -36,6 +37,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--profile", type=int, default=0, metavar="N")
+    p.add_argument("--gemm-path", choices=("auto", "int8", "float"), default="auto",
+                   help="block GEMM path of the integer model (all give the same integers)")
     return p.parse_args()
 
 
@@ -164,6 +167,9 @@ def main() -> None:
     from bct.model.matmul import set_threads
 
     set_threads(args.threads)  # the integer block GEMMs' own threads
+    from bct.model import matmul as matmul_module
+
+    matmul_module._GEMM_PATH = args.gemm_path
     load_start = os.getloadavg()
     cfg = config_from_args(args)
     model_dir = args.model or str(default_model_path())
@@ -204,6 +210,7 @@ def main() -> None:
         "blas_threads_env": int(os.environ["OPENBLAS_NUM_THREADS"]),
         "cpu_count": os.cpu_count(),
         "repeat": args.repeat,
+        "gemm_path": args.gemm_path,
         "integer_seq_per_s": rows / int_s,
         "fp32_seq_per_s": rows / fp_s,
         "ratio": fp_s / int_s,

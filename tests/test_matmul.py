@@ -7,7 +7,7 @@ from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode
 from bct.model import matmul as matmul_module
 from bct.model.matmul import (
-    Fixed, _block_float, add, linear, matmul, matmul_pyint, set_threads,
+    Fixed, _block_float, add, linear, matmul, matmul_pyint, row_scale, set_threads,
 )
 
 CONFIGS = [
@@ -244,3 +244,173 @@ def test_set_threads_errors():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads must be a positive int"):
             set_threads(bad)
+
+
+# --- the int8 block GEMM path (torch._int_mm + integer round_shift) against the float path ---
+
+
+def _paths(monkeypatch, fn):
+    """``fn()`` on the int8 and on the float block-GEMM path; asserts which path ran."""
+    taken = []
+    for name in ("_blocked_gemm_int8", "_blocked_gemm_float"):
+        orig = getattr(matmul_module, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            taken.append(_name)
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(matmul_module, name, spy)
+    out = {}
+    for path in ("int8", "float"):
+        taken.clear()
+        monkeypatch.setattr(matmul_module, "_GEMM_PATH", path)
+        out[path] = fn()
+        assert taken and set(taken) == {f"_blocked_gemm_{path}"}, (path, taken)
+    monkeypatch.setattr(matmul_module, "_GEMM_PATH", "auto")
+    return out["int8"], out["float"]
+
+
+def test_int8_backend_is_exact_here():
+    torch = matmul_module._int8_torch()
+    assert torch is not None  # torch is a dependency; its _int_mm passed the extreme-operand check
+    rng = np.random.default_rng(21)
+    for M, K, N in ((1, 8, 1), (13, 40, 7), (70, 128, 33)):
+        a = rng.integers(-127, 128, size=(M, K)).astype(np.int8)
+        b = rng.integers(-127, 128, size=(K, N)).astype(np.int8)
+        a[0], b[:, 0] = 127, -127
+        got = torch._int_mm(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+        assert (got.astype(np.int64) == a.astype(np.int64) @ b.astype(np.int64)).all()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"w{c.weight_bits}a{c.act_bits}b{c.block_size}wb{c.weight_format.block}g{c.acc_guard_bits}")
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_int8_path_equals_float_path_and_python_ints(monkeypatch, cfg, with_bias):
+    """Shapes that are not multiples of 8 (M = 13, N = 3 * B + 5 without bias), a row of zeros."""
+    rng = np.random.default_rng(100 + cfg.block_size + with_bias)
+    K = 2 * max(cfg.weight_format.block, 32)
+    x, w, b = _operands(cfg, 13, K, 2 * cfg.block_size, rng, spread=3.0)
+    if not with_bias:
+        b = None
+        w = encode(rng.standard_normal((3 * cfg.block_size + 5, K)), cfg.weight_format)
+    i8, fl = _paths(monkeypatch, lambda: matmul(x, w, cfg, b))
+    assert_same(i8, fl)
+    assert_same(i8, matmul_pyint(x, w, cfg, b))
+
+
+@pytest.mark.parametrize("B", [8, 32, 128])
+def test_int8_path_shift_extremes(monkeypatch, B):
+    """Mantissas at +-qmax and odd small ones, exponents over the whole format: shifts from -G
+    (exact left shifts) through ties to far beyond 62 (every term rounds to 0), the float
+    path's clamps active; a bias whose exponent is above and below the products'."""
+    cfg = Config(block_size=B, max_reduction=4096)
+    rng = np.random.default_rng(B + 1)
+    fa, fw, fv = cfg.act_format, cfg.weight_format, cfg.vector_format
+    K, M, N = 4 * B, 21, 2 * B
+    xm = rng.choice([-fa.qmax, -3, -1, 0, 1, 3, fa.qmax], size=(M, K))
+    wm = rng.choice([-fw.qmax, -1, 1, 5, fw.qmax], size=(N, K))
+    xm[0], wm[0] = fa.qmax, fw.qmax
+    xm[2], wm[2] = -fa.qmax, fw.qmax
+    xe = rng.integers(fa.e_min, fa.e_max + 1, size=(M, K // B))
+    we = rng.integers(fw.e_min, fw.e_max + 1, size=(N, K // B))
+    xe[1] = rng.integers(-3, 3, size=K // B)  # shifts around 0: ties of odd products
+    we[1] = we.max()
+    xe[3] = fa.e_min  # a row far below the weights' top: large positive shifts
+    xe[5] = [0, -8, -9, -12]  # with weight row 1 at the top: shifts -G, 0, 1 and 4 (ties)
+    x = BlockTensor(xm.astype(np.int64), xe.astype(np.int64), fa)
+    w = BlockTensor(wm.astype(np.int64), we.astype(np.int64), fw)
+    shifts = (row_scale(x, w, None, cfg)[:, None, None] - xe[:, None, :] - we[None]).ravel()
+    assert shifts.min() == -cfg.acc_guard_bits and shifts.max() > 62 and (shifts == 1).any()
+    assert (shifts == 0).any() and (shifts == 4).any()
+    for be in (fv.e_max, 0, fv.e_min):
+        bias = BlockTensor(rng.choice([-fv.qmax, -1, 1, fv.qmax], size=N).astype(np.int64),
+                           np.full(N // B, be, dtype=np.int64), fv)
+        i8, fl = _paths(monkeypatch, lambda: matmul(x, w, cfg, bias))
+        assert_same(i8, fl)
+        assert_same(i8, matmul_pyint(x, w, cfg, bias))
+
+
+def test_int8_path_worst_case_accumulator(monkeypatch):
+    """Every product at +-qmax**2 with equal exponents and the largest bias: |acc| == bound on
+    the int8 path too (int32 block products at their largest)."""
+    cfg = Config(block_size=128, max_reduction=4096)
+    K, B, qa, qv = cfg.max_reduction, cfg.block_size, cfg.act_format.qmax, cfg.vector_format.qmax
+    nb = K // B
+    x = BlockTensor(np.full((3, K), qa, dtype=np.int64), np.zeros((3, nb), dtype=np.int64), cfg.act_format)
+    for sign in (1, -1):
+        w = BlockTensor(np.full((B, K), sign * qa, dtype=np.int64), np.zeros((B, nb), dtype=np.int64), cfg.act_format)
+        bias = BlockTensor(np.full(B, sign * qv, dtype=np.int64), np.zeros(1, dtype=np.int64), cfg.vector_format)
+        i8, fl = _paths(monkeypatch, lambda: matmul(x, w, cfg, bias))
+        assert (i8.value == sign * cfg.acc_bound).all()
+        assert_same(i8, fl)
+
+
+def test_int8_path_batched_attention_shapes(monkeypatch):
+    """Q K^T and P V shaped batches (activation right operand, odd token counts)."""
+    cfg = Config()
+    rng = np.random.default_rng(22)
+    X = rng.standard_normal((2, 3, 19, 64)) * np.exp(2 * rng.standard_normal((2, 3, 19, 64)))
+    Y = rng.standard_normal((2, 3, 23, 64)) * np.exp(rng.standard_normal((2, 3, 23, 64)))
+    x, y = encode(X, cfg.act_format), encode(Y, cfg.act_format)
+    i8, fl = _paths(monkeypatch, lambda: matmul(x, y, cfg))
+    assert i8.value.shape == (2, 3, 19, 23)
+    assert_same(i8, fl)
+    assert_same(Fixed(i8.value[1, 2], i8.scale[1, 2]), matmul_pyint(x[1, 2], y[1, 2], cfg))
+
+
+@pytest.mark.parametrize("rows, group", [(1, 1), (5, 3 * 64), (7, 1 << 16), (128, 1 << 16)])
+def test_int8_chunks_groups_and_threads_do_not_change_the_result(monkeypatch, rows, group):
+    """Chunks of few rows (the last one padded), one or several K-blocks per compiled pass, one
+    or two threads: the same integers; torch's thread count is restored."""
+    import torch
+
+    cfg = Config()
+    rng = np.random.default_rng(rows)
+    x, w, b = _operands(cfg, 30, 128, 64, rng, spread=3.0)
+    ref = matmul_pyint(x, w, cfg, b)
+    monkeypatch.setattr(matmul_module, "_GEMM_PATH", "int8")
+    monkeypatch.setattr(matmul_module, "_INT8_ROWS", rows)
+    monkeypatch.setattr(matmul_module, "_INT8_GROUP", group)
+    before, torch_before = matmul_module._THREADS, torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            set_threads(n)
+            torch.set_num_threads(2)
+            assert_same(matmul(x, w, cfg, b), ref)
+            assert torch.get_num_threads() == 2
+    finally:
+        set_threads(before)
+        torch.set_num_threads(torch_before)
+
+
+def test_path_choice(monkeypatch):
+    """auto: int8 for large 8-bit matrices only; operands wider than int8 always take the float
+    path, and so does everything when the int8 backend is unavailable."""
+    cfg = Config()
+    rng = np.random.default_rng(23)
+    big = _operands(cfg, 64, 64, 256, rng)
+    small = _operands(cfg, 4, 64, 32, rng)
+    assert matmul_module._int8_fits(big[0], big[1])
+    assert not matmul_module._int8_fits(small[0], small[1])
+    monkeypatch.setattr(matmul_module, "_GEMM_PATH", "int8")
+    assert matmul_module._int8_fits(small[0], small[1])
+    wide = Config(act_bits=12, max_reduction=1024)
+    xw, ww, _ = _operands(wide, 64, 64, 256, rng)
+    assert not matmul_module._int8_fits(xw, ww)
+    monkeypatch.setattr(matmul_module, "_TORCH", False)
+    assert not matmul_module._int8_fits(big[0], big[1])
+    assert_same(matmul(*big[:2], cfg, big[2]), matmul_pyint(*big[:2], cfg, big[2]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(1, 4), st.integers(1, 40), st.floats(0, 8))
+def test_int8_path_random_shapes(seed, M, nb, N, spread):
+    cfg = Config(block_size=8, weight_bits=5)
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((M, 8 * nb)) * np.exp(spread * rng.standard_normal((M, 8 * nb)))
+    W = rng.standard_normal((N, 8 * nb)) * np.exp(spread / 2 * rng.standard_normal((N, 8 * nb)))
+    x, w = encode(X, cfg.act_format), encode(W, cfg.weight_format)
+    b = encode(rng.standard_normal(N) * 100, cfg.vector_format) if N % 8 == 0 else None
+    with pytest.MonkeyPatch.context() as mp:
+        i8, fl = _paths(mp, lambda: matmul(x, w, cfg, b))
+    assert_same(i8, fl)
+    assert_same(i8, matmul_pyint(x, w, cfg, b))
