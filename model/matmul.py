@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from bct.config import MAX_ADD_TERMS, Config, ConfigError
-from bct.model.blocks import BlockTensor, requantize
+from bct.model.blocks import BlockFormat, BlockTensor, _requantize_kernels, requantize
 from bct.model.fixed import round_shift, round_shift_int
 
 __all__ = [
@@ -322,12 +322,16 @@ _SHIFT_SUM = None
 def _shift_sum():
     """The compiled integer pass of the int8 path (numba; compiled on first use, cached on disk).
 
-    ``shift_sum(p, rows, out, l, m0, sx, sw, bm, be, sc)``: for the int32 block products
-    ``p[j, r, n]`` of rows ``m0 .. m0 + rows - 1`` of batch element ``l``,
-    ``out[l, m0 + r, n] = sum_j round_shift(p[j, r, n], sx[l, m0 + r, j] + sw[l, j, n])``
-    (:func:`bct.model.fixed.round_shift` on scalars: the one rounding rule, integers only),
-    plus, when ``bm`` is not empty, the bias term ``round_shift(bm[n], sc[l, m] - be[n // Bv])``.
-    Every array is C-contiguous (so the loop over ``n`` vectorises).
+    ``shift_sum(p, rows, out, l, m0, j0, sx, sw, bm, be, sc, q, e, qmax, e_min, e_max, bits)``:
+    for the int32 products ``p[jj, r, n]`` of the K-blocks ``j = j0 + jj`` and rows
+    ``m = m0 + r < m0 + rows`` of batch element ``l``, adds
+    ``round_shift(p[jj, r, n], sx[l, m, j] + sw[l, j, n])`` to ``out[l, m, n]`` (set to 0 first
+    when ``j0 == 0``; :func:`bct.model.fixed.round_shift` on scalars: the one rounding rule,
+    integers only). After the last K-block it adds, when ``bm`` is not empty, the bias term
+    ``round_shift(bm[n], sc[l, m] - be[n // Bv])``, and, when ``q`` is not empty, re-encodes the
+    finished row into ``q[l, m]``, ``e[l, m]`` with :func:`bct.model.blocks.requantize`'s
+    compiled kernel (format ``qmax, e_min, e_max, bits``). Every array is C-contiguous (so the
+    loop over ``n`` vectorises).
     """
     global _SHIFT_SUM
     if _SHIFT_SUM is None:
@@ -336,12 +340,14 @@ def _shift_sum():
         from bct.model.fixed import scalar_kernels
 
         rs = scalar_kernels().round_shift
+        requant_rows = _requantize_kernels()[0]
 
         @numba.njit(nogil=True, cache=True)
-        def shift_sum(p, rows, out, l, m0, j0, sx, sw, bm, be, sc):
+        def shift_sum(p, rows, out, l, m0, j0, sx, sw, bm, be, sc, q, e, qmax, e_min, e_max, bits):
             g, _, N = p.shape
             nbb = be.shape[0]
             Bv = N // nbb if nbb else 0
+            last = j0 + g == sw.shape[1]
             for r in range(rows):
                 m = m0 + r
                 o = out[l, m]
@@ -353,11 +359,15 @@ def _shift_sum():
                     a = sx[l, m, j0 + jj]
                     for n in range(N):
                         o[n] += rs(np.int64(pj[n]), a + swj[n])
-                if j0 + g == sw.shape[1]:
+                if last:
                     for k in range(nbb):
                         s = sc[l, m] - be[k]
                         for i in range(k * Bv, (k + 1) * Bv):
                             o[i] += rs(bm[i], s)
+                    if q.shape[0]:  # the finished row, re-encoded while in cache
+                        nk = e.shape[2]
+                        requant_rows(o.reshape((1, nk, N // nk)), sc[l, m:m + 1], q[l, m:m + 1],
+                                     e[l, m:m + 1], qmax, e_min, e_max, bits)
 
         _SHIFT_SUM = shift_sum
     return _SHIFT_SUM
@@ -435,9 +445,12 @@ def _blocked_gemm(
 
 
 def _blocked_gemm_int8(
-    x: BlockTensor, w: BlockTensor, scale: np.ndarray, bias: BlockTensor | None = None
-) -> np.ndarray:
-    """The accumulator from int8 GEMMs of the K-blocks, in integers only.
+    x: BlockTensor, w: BlockTensor, scale: np.ndarray, bias: BlockTensor | None = None,
+    fmt: BlockFormat | None = None,
+):
+    """The accumulator from int8 GEMMs of the K-blocks, in integers only; with ``fmt``, also
+    each finished row re-encoded by :func:`~bct.model.blocks.requantize`'s compiled kernel
+    (returns ``(accumulator, mantissas, exponents)``; ``N`` a multiple of ``fmt.block``).
 
     The rows of each batch element are cut into chunks of ``R`` rows (about ``_INT8_CHUNK``
     block products; the last chunk padded with zero rows). Per chunk, one ``torch._int_mm`` per
@@ -457,7 +470,15 @@ def _blocked_gemm_int8(
     nb = x.exp.shape[-1]
     L = int(np.prod(lead, dtype=np.int64))
     out = np.empty((L, M, N), dtype=np.int64)
+    if fmt is None:
+        q, e, fargs = np.empty((0, 0, 0, 0), np.int64), np.empty((0, 0, 0), np.int64), (0, 0, 0, 0)
+    else:
+        q = np.empty((L, M, N // fmt.block, fmt.block), dtype=np.int64)
+        e = np.empty((L, M, N // fmt.block), dtype=np.int64)
+        fargs = (fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits)
     if out.size == 0:
+        if fmt is not None:
+            return out.reshape(lead + (M, N)), q.reshape(lead + (M, N)), e.reshape(lead + (M, -1))
         return out.reshape(lead + (M, N))
     nch = -(-M // min(M, _INT8_ROWS))
     R = -(-M // nch)  # rows per chunk, as even as possible
@@ -487,7 +508,7 @@ def _blocked_gemm_int8(
                 k = min(g, nb - j0)
                 for jj in range(k):
                     int_mm(tx[i + j0 + jj], tw[l * nb + j0 + jj], out=tp[jj])
-                shift_sum(p[:k], rows, out, l, m0, j0, sx, sw, bm, be, sc)
+                shift_sum(p[:k], rows, out, l, m0, j0, sx, sw, bm, be, sc, q, e, *fargs)
 
     saved = torch.get_num_threads()
     try:
@@ -495,6 +516,8 @@ def _blocked_gemm_int8(
     finally:
         if torch.get_num_threads() != saved:
             torch.set_num_threads(saved)
+    if fmt is not None:
+        return out.reshape(lead + (M, N)), q.reshape(lead + (M, N)), e.reshape(lead + (M, -1))
     return out.reshape(lead + (M, N))
 
 
@@ -601,9 +624,17 @@ def matmul_pyint(
 
 
 def linear(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None = None) -> BlockTensor:
-    """``x @ w.T + bias`` re-encoded to the activation block format (blocks along N)."""
-    y = matmul(x, w, cfg, bias)
-    return requantize(y.value, y.scale, cfg.act_format)
+    """``x @ w.T + bias`` re-encoded to the activation block format (blocks along N):
+    ``requantize(matmul(x, w, cfg, bias))``. On the int8 path each row is re-encoded by the
+    same compiled kernel as soon as its accumulator is complete (while in cache)."""
+    fmt = cfg.act_format
+    check_operands(x, w, bias, cfg)
+    scale = row_scale(x, w, bias, cfg)
+    if _int8_fits(x, w) and w.shape[-2] % fmt.block == 0:
+        _, q, e = _blocked_gemm_int8(x, w, scale, bias, fmt)
+        return BlockTensor(q, e, fmt)
+    y = _blocked_gemm(x, w, scale, cfg.acc_guard_bits, bias)
+    return requantize(y, scale, fmt)
 
 
 def add(*terms: BlockTensor, cfg: Config) -> Fixed:

@@ -414,3 +414,27 @@ def test_int8_path_random_shapes(seed, M, nb, N, spread):
         i8, fl = _paths(mp, lambda: matmul(x, w, cfg, b))
     assert_same(i8, fl)
     assert_same(i8, matmul_pyint(x, w, cfg, b))
+
+
+@pytest.mark.parametrize("cfg", [Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6, block_size=32),
+                                 Config(block_size=8, vector_bits=16)],
+                         ids=["default", "w4b128", "b8v16"])
+def test_linear_int8_fused_requantize(monkeypatch, cfg):
+    """linear on the int8 path re-encodes each row inside the compiled pass: equal to requantize
+    of the plain-int matmul, and to the float path, with and without bias, at 1 and 2 threads."""
+    from bct.model.blocks import requantize
+
+    rng = np.random.default_rng(24 + cfg.block_size)
+    x, w, b = _operands(cfg, 37, 256, 96, rng, spread=3.0)
+    monkeypatch.setattr(matmul_module, "_INT8_ROWS", 16)
+    before = matmul_module._THREADS
+    try:
+        for bias in (b, None):
+            ref = matmul_pyint(x, w, cfg, bias)
+            ref = requantize(ref.value, ref.scale, cfg.act_format)
+            for n in (1, 2):
+                set_threads(n)
+                i8, fl = _paths(monkeypatch, lambda: linear(x, w, cfg, bias))
+                assert i8 == ref and fl == ref
+    finally:
+        set_threads(before)
