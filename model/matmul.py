@@ -376,9 +376,9 @@ def _shift_sum():
 #: Rows per chunk of the int8 path (at most; chunks as even as possible): each
 #: ``torch._int_mm`` call costs some microseconds, so calls are kept large.
 _INT8_ROWS = 128
-#: Block products per call of the int8 path's compiled pass (int32: 256 kB, in cache with the
-#: chunk's output rows).
-_INT8_GROUP = 1 << 16
+#: Block products per call of the int8 path's compiled pass (int32: 1 MB at most, mostly in
+#: cache with the chunk's output rows); at least one K-block.
+_INT8_GROUP = 1 << 18
 
 
 def _prepare_right_int8(w: BlockTensor, B: int):
