@@ -271,8 +271,8 @@ def _prepare_right(w: BlockTensor, B: int, dt: type, p: int, G: int) -> tuple[np
 _GEMM_PATH = "auto"
 
 #: ``"auto"`` takes the int8 path only for matrices of at least this many outputs ``M * N``:
-#: one ``torch._int_mm`` call per K-block costs ~10 us, more than the float path's share of
-#: a small attention head (batched by numpy in one call).
+#: one ``torch._int_mm`` call per K-block and matrix costs several microseconds, more than the
+#: float path's share of a small attention head (numpy batches the heads in one call).
 _INT8_MIN_OUTPUTS = 1 << 14
 
 _TORCH = None  # torch, once imported and checked; False when the int8 GEMM is unavailable
@@ -452,13 +452,14 @@ def _blocked_gemm_int8(
     each finished row re-encoded by :func:`~bct.model.blocks.requantize`'s compiled kernel
     (returns ``(accumulator, mantissas, exponents)``; ``N`` a multiple of ``fmt.block``).
 
-    The rows of each batch element are cut into chunks of ``R`` rows (about ``_INT8_CHUNK``
-    block products; the last chunk padded with zero rows). Per chunk, one ``torch._int_mm`` per
+    The rows of each batch element are cut into chunks of ``R <= _INT8_ROWS`` rows (as even as
+    possible; the last chunk padded with zero rows). Per chunk, one ``torch._int_mm`` per
     K-block ``j`` (int8 ``(R, B) @ (B, N)``, inner length B) gives the exact block products
     ``P_j`` in int32 (``|P| <= B qx qw <= 128 * 127**2 < 2**31``; the backend is checked once by
     :func:`_int8_torch`), and the compiled pass :func:`_shift_sum` adds ``round_shift(P_j, s)``
     with the exact shift ``s = sx[m, j] + sw[n, j]`` (``sx = scale - ex - max ew``,
-    ``sw = max ew - ew``; no clamps) and the bias term. The chunks are shared among
+    ``sw = max ew - ew``; no clamps) for groups of K-blocks of about ``_INT8_GROUP`` products
+    (in cache), then the bias term (and the re-encoding). The chunks are shared among
     :func:`set_threads` threads; torch runs one intra-op thread in each (its thread count is
     restored afterwards).
     """
