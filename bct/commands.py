@@ -135,7 +135,7 @@ def _model_dir(args):
     """``--model``, else the cached fine-tune of ``--task`` (trained on first use)."""
     if args.model is not None:
         return args.model
-    return _finetune(args, progress=not args.no_progress)
+    return _finetune(args, progress=not args.no_progress, max_len=args.train_max_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +210,10 @@ def _add_finetune_options(p: argparse.ArgumentParser, *, for_eval: bool) -> None
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--base-model", metavar="PATH", default=None,
                    help="checkpoint to fine-tune (default: all-MiniLM-L6-v2)")
+    if for_eval:  # bct finetune's own --max-len; the other training settings are its defaults
+        p.add_argument("--train-max-len", type=_positive, default=64, metavar="N",
+                       help="truncation the baseline was fine-tuned with (bct finetune --max-len, "
+                            "default 64)")
 
 
 def _add_eval_options(p: argparse.ArgumentParser, add_config_options) -> None:

@@ -90,6 +90,13 @@ def test_finetune_then_eval_share_the_cache(capsys, ckpt, tmp_path, monkeypatch)
     assert main(["eval", *common, "--limit", "5"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("SST-2 dev, 5 rows") and "agreement with FP32" in text
+    # a baseline fine-tuned at another truncation is found by --train-max-len
+    assert main(["finetune", *common, "--max-len", "32", "--json"]) == 0
+    short = json.loads(capsys.readouterr().out)["path"]
+    assert len(os.listdir(cache / "finetune")) == 2
+    assert main(["eval", *common, "--train-max-len", "32", "--limit", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == short
+    assert len(os.listdir(cache / "finetune")) == 2
 
 
 @needs_glue
