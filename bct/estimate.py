@@ -194,11 +194,14 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
                               else "none")
     # registers, stage by stage (hw/matmul.py)
     ff_in = R * (a + sb) + 1 + C * (op + sb) + 3 + (cfg.block_size - 1).bit_length()
-    # per PE: operands and product (inside the DSP block when there is one), block product,
-    # total shift, the four rounding-shift stages, accumulator, drain register
-    ff_mul = 0 if dsp else (a + op) + (a + op)
-    ff_pe = ff_mul + bp + ub + 4 * W + acc + acc
-    ff_ctl = 2 * ((R + C) * sb + 4) + 16
+    ff_in += R * sb + 1 + C * sb + 3  # stage 0: the shift fields and flags move on
+    # per PE: its copies of the two operands, operands and product (inside the DSP block when
+    # there is one), the product's fabric copy, its copies of the two shift fields, block product, total shift and the
+    # shift stages' two copies of it, the four rounding-shift stages, accumulator, drain
+    # register
+    ff_mul = 2 * (a + op) + (0 if dsp else (a + op) + (a + op))
+    ff_pe = ff_mul + 2 * sb + bp + 3 * ub + 4 * W + acc + acc
+    ff_ctl = 2 * ((R + C) * sb + 4) + 17
     # fan-out copies: five PE flags (a copy per row, then per PE), pop (per PE of the rows
     # that shift) and the drain control state it comes from (per shifting row), the output
     # FIFO's write enable, addresses and level != 0 flag (per column), the bias holding

@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -119,8 +119,9 @@ class MatmulArray(wiring.Component):
     accumulators, rows in order, equal to ``matmul(x, w, cfg, bias).value`` of the tile.
     ``K`` must be a multiple of ``B = cfg.block_size``. Tiles follow each other back to back.
 
-    Latency: the first row of a tile is valid :attr:`latency` (15) cycles after the transfer of
-    its last beat (input register, operand and product registers, block accumulate, four
+    Latency: the first row of a tile is valid :attr:`latency` (17) cycles after the transfer of
+    its last beat (input register, per-PE operand copies, operand and product registers, a
+    fabric copy of the product, block accumulate, four
     rounding-shift stages, accumulate, five output stages, FIFO); every stage is register to
     register (the measured Fmax is in docs/synthesis.md). Back-to-back tiles of reduction ``K``
     keep every PE busy on every cycle when ``K >= R`` (the drain of ``R`` rows hides under the
@@ -193,16 +194,17 @@ class MatmulArray(wiring.Component):
         return cfg.block_product_bits + G, cfg.vector_format.bits + G
 
     #: Register stages from the last ``act``/``weight`` transfer of a tile to its first output
-    #: row: input, operands, product, block accumulate, rounding shift (operand, coarse, fine,
+    #: row: input, per-PE operand copies, operands, product, product copy in the fabric, block
+    #: accumulate, rounding shift (operand, coarse, fine,
     #: round), accumulate (and drain copy), bias shift amount, coarse, fine and rounded bias
     #: term, sum, output FIFO.
-    latency = 15
+    latency = 17
 
     #: Cycles from admitting a tile's last beat until the drain registers can take another
-    #: finish, minus ``R`` (its ``R`` rows pop one per cycle): 8 to the accumulators, 1 to
+    #: finish, minus ``R`` (its ``R`` rows pop one per cycle): 10 to the accumulators, 1 to
     #: the first pop. Tiles' last beats are thus at least ``R + admit_gap`` cycles apart
     #: (``bct.estimate.matmul_run_cycles``), which only binds when ``K < R + admit_gap``.
-    admit_gap = 9
+    admit_gap = 11
 
 
     def elaborate(self, platform):
@@ -225,29 +227,44 @@ class MatmulArray(wiring.Component):
         m.d.comb += [self.act.ready.eq(admit & self.weight.valid),
                      self.weight.ready.eq(admit & self.act.valid)]
         take = admit & self.act.valid & self.weight.valid
+        replica = {REPLICA_ATTR: 1}  # see "Control fan-out" below
 
-        # Stage 0: input registers (broadcast along rows / columns from here). They sample the
-        # payloads on every cycle (no enable: ``take``, which depends on the input valids,
-        # reaches only a few flags); ``s0_valid`` says when they hold a beat. The product
+        # Input registers (si). They sample the payloads on every cycle (no enable: ``take``,
+        # which depends on the input valids, reaches only a few flags); ``si_valid`` says when
+        # they hold a beat. The product
         # register of a cycle without a beat is cleared (a per-PE copy of the bubble flag at
         # its synchronous reset), so the block product adds 0 and needs no enable either.
-        s0_valid = Signal()
-        s0_act = Signal.like(self.act.payload, reset_less=True)
-        s0_wgt = Signal.like(self.weight.payload, reset_less=True)
-        s0_first = Signal()  # first beat of a K-block
-        s0_block_last = Signal()
+        si_valid = Signal()
+        si_act = Signal.like(self.act.payload, reset_less=True)
+        si_wgt = Signal.like(self.weight.payload, reset_less=True)
+        si_first = Signal()  # first beat of a K-block
+        si_block_last = Signal()
         kpos = Signal(range(B))  # position inside the K-block (B is a power of two: wraps)
-        m.d.sync += [s0_valid.eq(take), s0_first.eq(take & (kpos == 0)),
-                     s0_block_last.eq(take & (kpos == B - 1)),
-                     s0_act.eq(self.act.payload), s0_wgt.eq(self.weight.payload)]
+        m.d.sync += [si_valid.eq(take), si_first.eq(take & (kpos == 0)),
+                     si_block_last.eq(take & (kpos == B - 1)),
+                     si_act.eq(self.act.payload), si_wgt.eq(self.weight.payload)]
         with m.If(take):
             m.d.sync += kpos.eq(kpos + 1)
+        # Stage 0: each PE's own copy of its row's activation and its column's operand (an
+        # input register drove every DSP block of its row or column: nets of C or R loads
+        # across the die); the flags and shift fields move along with them (the operand
+        # fields of s0_act / s0_wgt are not read, synthesis drops them).
+        s0_valid, s0_first, s0_block_last = Signal(), Signal(), Signal()
+        s0_act = Signal.like(self.act.payload, reset_less=True)
+        s0_wgt = Signal.like(self.weight.payload, reset_less=True)
+        m.d.sync += [s0_valid.eq(si_valid), s0_first.eq(si_first),
+                     s0_block_last.eq(si_block_last), s0_act.eq(si_act), s0_wgt.eq(si_wgt)]
+        x_pe = [[Signal.like(si_act.x[r], name=f"xo_{r}_{c}", reset_less=True, attrs=replica)
+                 for c in range(C)] for r in range(R)]
+        w_pe = [[Signal.like(si_wgt.w[c], name=f"wo_{r}_{c}", reset_less=True, attrs=replica)
+                 for c in range(C)] for r in range(R)]
+        m.d.sync += [x_pe[r][c].eq(si_act.x[r]) for r in range(R) for c in range(C)]
+        m.d.sync += [w_pe[r][c].eq(si_wgt.w[c]) for r in range(R) for c in range(C)]
 
         # Control fan-out: a flag that reaches a PE's data registers comes from that PE's own
         # copy at the end of a two-level register tree (one copy per row, then one per PE), so
         # no flag net drives more than one PE's flip-flops (tens of loads, not thousands). The
         # copies carry REPLICA_ATTR so that synthesis keeps them apart (bct.synth).
-        replica = {REPLICA_ATTR: 1}
 
         def spread(flag, name, init=0):
             """Per-PE copies of ``flag``, two cycles later."""
@@ -276,22 +293,40 @@ class MatmulArray(wiring.Component):
         with m.If(s0_valid):
             m.d.sync += [sm_last.eq(s0_act.last), sm_ashift.eq(s0_act.shift),
                          sm_wshift.eq(s0_wgt.shift)]
-        bubble_pe = spread(~take, "bubble", init=1)  # the operand registers hold a bubble
+        bubble_pe = spread(~si_valid, "bubble", init=1)  # the operand registers hold a bubble
         for r in range(R):
             for c in range(C):
                 if hook is not None:
-                    hook(m, s0_act.x[r], s0_wgt.w[c], mul[r][c], 1, bubble_pe[r][c])
+                    hook(m, x_pe[r][c], w_pe[r][c], mul[r][c], 1, bubble_pe[r][c])
                     continue
-                xa = Signal.like(s0_act.x[r], name=f"xa_{r}_{c}", reset_less=True)
-                wb = Signal.like(s0_wgt.w[c], name=f"wb_{r}_{c}", reset_less=True)
-                m.d.sync += [xa.eq(s0_act.x[r]), wb.eq(s0_wgt.w[c]),
+                xa = Signal(x_pe[r][c].shape(), name=f"xa_{r}_{c}", reset_less=True)
+                wb = Signal(w_pe[r][c].shape(), name=f"wb_{r}_{c}", reset_less=True)
+                m.d.sync += [xa.eq(x_pe[r][c]), wb.eq(w_pe[r][c]),
                              mul[r][c].eq(Mux(bubble_pe[r][c], 0, xa * wb))]
-        s1_block_last, s1_last = Signal(), Signal()
-        s1_ashift = Signal.like(s0_act.shift, reset_less=True)
-        s1_wshift = Signal.like(s0_wgt.shift, reset_less=True)
-        m.d.sync += s1_block_last.eq(sm_block_last)
+        # Stage 1b: a fabric register after each product (``muld``), so that the route from
+        # the DSP block to the PE's adder is a register-to-register path of its own.
+        muld = [[Signal.like(mul[r][c], name=f"muld_{r}_{c}", reset_less=True) for c in range(C)]
+                for r in range(R)]
+        m.d.sync += [muld[r][c].eq(mul[r][c]) for r in range(R) for c in range(C)]
+        sd_valid, sd_block_last, sd_last = Signal(), Signal(), Signal()
+        sd_ashift = Signal.like(s0_act.shift, reset_less=True)
+        sd_wshift = Signal.like(s0_wgt.shift, reset_less=True)
+        m.d.sync += [sd_valid.eq(sm_valid), sd_block_last.eq(sm_block_last)]
         with m.If(sm_valid):
-            m.d.sync += [s1_last.eq(sm_last), s1_ashift.eq(sm_ashift), s1_wshift.eq(sm_wshift)]
+            m.d.sync += [sd_last.eq(sm_last), sd_ashift.eq(sm_ashift), sd_wshift.eq(sm_wshift)]
+        s1_block_last, s1_last = Signal(), Signal()
+        m.d.sync += s1_block_last.eq(sd_block_last)
+        with m.If(sd_valid):
+            m.d.sync += s1_last.eq(sd_last)
+        # Stage 1's shift fields as per-PE copies (the row's activation shift and the column's
+        # weight shift), so each PE's shift adder reads flip-flops of its own. sd_* load under
+        # sm_valid, which sd_valid copies, so a plain copy equals a copy under sd_valid.
+        s1_ashift = [[Signal.like(sd_ashift[r], name=f"ash_{r}_{c}", reset_less=True,
+                                  attrs=replica) for c in range(C)] for r in range(R)]
+        s1_wshift = [[Signal.like(sd_wshift[c], name=f"wsh_{r}_{c}", reset_less=True,
+                                  attrs=replica) for c in range(C)] for r in range(R)]
+        m.d.sync += [s1_ashift[r][c].eq(sd_ashift[r]) for r in range(R) for c in range(C)]
+        m.d.sync += [s1_wshift[r][c].eq(sd_wshift[c]) for r in range(R) for c in range(C)]
 
         # Stage 2: accumulate the block product P; at the block's end, each PE's total shift.
         W = cfg.block_product_bits + G + 1  # width of (P << G+1) - (P < 0)
@@ -301,20 +336,22 @@ class MatmulArray(wiring.Component):
                    for c in range(C)] for r in range(R)]
         s2_done, s2_last = Signal(), Signal()  # prod holds a finished K-block
         m.d.sync += s2_done.eq(s1_block_last)
-        first_pe = spread(s0_first, "first")  # the block's first product is in mul
-        block_last_pe = spread(s0_block_last, "blast")  # = s1_block_last, per PE
+        sm_first = Signal()
+        m.d.sync += sm_first.eq(s0_first)
+        first_pe = spread(sm_first, "first")  # the block's first product is in muld
+        block_last_pe = spread(sm_block_last, "blast")  # = s1_block_last, per PE
         for r in range(R):
             for c in range(C):
-                m.d.sync += prod[r][c].eq(Mux(first_pe[r][c], 0, prod[r][c]) + mul[r][c])
+                m.d.sync += prod[r][c].eq(Mux(first_pe[r][c], 0, prod[r][c]) + muld[r][c])
                 with m.If(block_last_pe[r][c]):
-                    m.d.sync += ushift[r][c].eq(s1_ashift[r] + s1_wshift[c])
+                    m.d.sync += ushift[r][c].eq(s1_ashift[r][c] + s1_wshift[r][c])
         with m.If(s1_block_last):
             m.d.sync += s2_last.eq(s1_last)
 
         # Stages 3a, 3b, 3 and 4: round_shift(P << G, u) = (((P << G+1) - (P < 0)) >>> u) + 1)
         # >>> 1 (round_shift_hw): the operand, the arithmetic shift by u & ~7, by u & 7, the
-        # rounding. (u is read in place: it changes only at the next block's end, B >= 8 beats
-        # later.) One stage each, so that no path holds more than a carry chain or a 3-level
+        # rounding. (u is read through copies: it changes only at the next block's end, B >= 8
+        # beats later.) One stage each, so that no path holds more than a carry chain or a 3-level
         # multiplexer. The data registers have no enable (each copies its predecessor every
         # cycle; only the done flags, a parallel delay line, say when they hold a block).
         def regs(prefix):
@@ -330,12 +367,25 @@ class MatmulArray(wiring.Component):
             m.d.sync += sb_last.eq(sa_last)
         with m.If(sb_done):
             m.d.sync += s3_last.eq(sb_last)
+        # Each shift stage reads two copies of its part of u (copied a cycle after u loads,
+        # still a block ahead of the next load), each driving the multiplexers of half the
+        # stage's bits: u itself drove every multiplexer of both stages (about 3 W loads).
+        h = W // 2
+        ub = len(ushift[0][0])
+        C0 = Const(0, 3)
         for r in range(R):
             for c in range(C):
                 p, u = prod[r][c], ushift[r][c]
+                uc = [Signal(ub - 3, name=f"uc{k}_{r}_{c}", reset_less=True, attrs=replica)
+                      for k in range(2)]
+                uf = [Signal(3, name=f"uf{k}_{r}_{c}", reset_less=True, attrs=replica)
+                      for k in range(2)]
+                m.d.sync += [*[x.eq(u[3:]) for x in uc], *[x.eq(u[:3]) for x in uf]]
                 m.d.sync += [opnd[r][c].eq((p << (G + 1)) - (p < 0)),
-                             coarse[r][c].eq(opnd[r][c] >> (u >> 3 << 3)),
-                             fined[r][c].eq(coarse[r][c] >> u[:3]),
+                             coarse[r][c][:h].eq((opnd[r][c] >> Cat(C0, uc[0]))[:h]),
+                             coarse[r][c][h:].eq((opnd[r][c] >> Cat(C0, uc[1]))[h:]),
+                             fined[r][c][:h].eq((coarse[r][c] >> uf[0])[:h]),
+                             fined[r][c][h:].eq((coarse[r][c] >> uf[1])[h:]),
                              term[r][c].eq((fined[r][c] + 1) >> 1)]
 
         # Stage 5: accumulate; a finished tile is copied into the drain registers.
