@@ -235,34 +235,40 @@ def _round_sum():
     return _ROUND_SUM
 
 
-_PREPARED: dict = {}  # id(weight) -> (weak reference, {(B, dtype, G): prepared})
+_PREPARED: dict = {}  # id(weight) -> (weak reference, {key: prepared})
 
 
-def _prepare_right(w: BlockTensor, B: int, dt: type, p: int, G: int) -> tuple[np.ndarray, np.ndarray]:
-    """``w``'s blocks scaled by ``2**-sw'`` as ``(L, nb, B, N)`` and its largest exponents.
-
-    Kept per 2-D right operand (the weights, used at every call) while that :class:`BlockTensor`
-    lives: like every BlockTensor it must not be changed in place once used.
-    """
-    key = (B, dt, G)
+def _prepared(w: BlockTensor, key, build):
+    """``build()``, kept per 2-D right operand ``w`` and ``key`` while that :class:`BlockTensor`
+    lives (the weights, used at every call; like every BlockTensor it must not be changed in
+    place once used)."""
     entry = _PREPARED.get(id(w))
     if entry is not None and entry[0]() is w and key in entry[1]:
         return entry[1][key]
-    wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
-    ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
-    sw = np.minimum(ew_max - we, p + G)  # (..., N, nb), >= 0
-    N, nb = we.shape[-2:]
-    ws = np.empty((int(np.prod(we.shape[:-2], dtype=np.int64)), nb, B, N), dtype=dt)
-    scale_right = _round_sum()[2]
-    scale_right(np.ascontiguousarray(wm).reshape(-1, N, nb, B), np.ascontiguousarray(sw).reshape(-1, N, nb),
-                ws)
-    out = (ws, ew_max)
+    out = build()
     if w.mant.ndim == 2:
         if entry is None or entry[0]() is not w:
             ref = weakref.ref(w, lambda _, i=id(w): _PREPARED.pop(i, None))
             entry = _PREPARED[id(w)] = (ref, {})
         entry[1][key] = out
     return out
+
+
+def _prepare_right(w: BlockTensor, B: int, dt: type, p: int, G: int) -> tuple[np.ndarray, np.ndarray]:
+    """``w``'s blocks scaled by ``2**-sw'`` as ``(L, nb, B, N)`` and its largest exponents
+    (kept per 2-D right operand: :func:`_prepared`)."""
+    def build():
+        wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
+        ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
+        sw = np.minimum(ew_max - we, p + G)  # (..., N, nb), >= 0
+        N, nb = we.shape[-2:]
+        ws = np.empty((int(np.prod(we.shape[:-2], dtype=np.int64)), nb, B, N), dtype=dt)
+        scale_right = _round_sum()[2]
+        scale_right(np.ascontiguousarray(wm).reshape(-1, N, nb, B),
+                    np.ascontiguousarray(sw).reshape(-1, N, nb), ws)
+        return ws, ew_max
+
+    return _prepared(w, (B, dt, G), build)
 
 
 #: Which block GEMM :func:`_blocked_gemm` runs: ``"auto"`` (int8 when :func:`_int8_fits`, else
@@ -384,25 +390,18 @@ _INT8_GROUP = 1 << 18
 def _prepare_right_int8(w: BlockTensor, B: int):
     """``w``'s mantissas as int8 blocks ``(L * nb)`` torch views of ``(B, N)``, its column shifts
     ``ew_max - ew`` as int64 ``(L, nb, N)`` and its largest exponents ``(..., 1, 1)``; kept per
-    2-D right operand like :func:`_prepare_right`."""
-    key = (B, "int8")
-    entry = _PREPARED.get(id(w))
-    if entry is not None and entry[0]() is w and key in entry[1]:
-        return entry[1][key]
-    torch = _int8_torch()
-    wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
-    ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
-    N, nb = we.shape[-2:]
-    L = int(np.prod(we.shape[:-2], dtype=np.int64))
-    wq = np.ascontiguousarray(wm.reshape(L, N, nb, B).transpose(0, 2, 3, 1), dtype=np.int8)
-    sw = np.ascontiguousarray((ew_max - we).reshape(L, N, nb).transpose(0, 2, 1), dtype=np.int64)
-    out = (torch.from_numpy(wq).view(L * nb, B, N).unbind(0), sw, ew_max)
-    if w.mant.ndim == 2:
-        if entry is None or entry[0]() is not w:
-            ref = weakref.ref(w, lambda _, i=id(w): _PREPARED.pop(i, None))
-            entry = _PREPARED[id(w)] = (ref, {})
-        entry[1][key] = out
-    return out
+    2-D right operand (:func:`_prepared`)."""
+    def build():
+        torch = _int8_torch()
+        wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
+        ew_max = w.exp.max(axis=(-2, -1))[..., None, None]
+        N, nb = we.shape[-2:]
+        L = int(np.prod(we.shape[:-2], dtype=np.int64))
+        wq = np.ascontiguousarray(wm.reshape(L, N, nb, B).transpose(0, 2, 3, 1), dtype=np.int8)
+        sw = np.ascontiguousarray((ew_max - we).reshape(L, N, nb).transpose(0, 2, 1), dtype=np.int64)
+        return torch.from_numpy(wq).view(L * nb, B, N).unbind(0), sw, ew_max
+
+    return _prepared(w, (B, "int8"), build)
 
 
 def _chunks(L: int, M: int, per_row: int) -> list[tuple[int, int, int, int]]:
