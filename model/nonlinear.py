@@ -539,6 +539,16 @@ def _kernels():
             for i in range(x.shape[0]):
                 out[i] = gelu_one(x[i], lim, span, lut)
 
+        @numba.njit(nogil=True, cache=True, inline="always")
+        def to_frac_one(x, sr, k, room, lim):  # fixed_to_frac of one element (k, room: of sr)
+            if sr > 0:
+                o = rs(x, sr)
+            elif abs(x) <= room:
+                o = min(max(x, -room), room) << k
+            else:
+                o = lim if x > 0 else (-lim if x < 0 else 0)
+            return min(max(o, -lim), lim)
+
         @numba.njit(nogil=True, cache=True)
         def to_frac(v, s, out, lim, bits):
             R, N = v.shape
@@ -547,14 +557,7 @@ def _kernels():
                 k = min(max(-sr, 0), bits)
                 room = lim >> k
                 for j in range(N):
-                    x = v[r, j]
-                    if sr > 0:
-                        o = rs(x, sr)
-                    elif abs(x) <= room:
-                        o = min(max(x, -room), room) << k
-                    else:
-                        o = lim if x > 0 else (-lim if x < 0 else 0)
-                    out[r, j] = min(max(o, -lim), lim)
+                    out[r, j] = to_frac_one(v[r, j], sr, k, room, lim)
 
         @numba.njit(nogil=True, cache=True)
         def softmax_row(x, mr, e, out, log2e, l2frac, frac, lut, recip_num, recip_shift):
@@ -661,14 +664,7 @@ def _kernels():
                 room = lim >> kk
                 for j in range(nb):
                     for i in range(B):
-                        x = v[r, j, i]
-                        if sr > 0:
-                            o = rs(x, sr)
-                        elif abs(x) <= room:
-                            o = min(max(x, -room), room) << kk
-                        else:
-                            o = lim if x > 0 else (-lim if x < 0 else 0)
-                        o = min(max(o, -lim), lim)
+                        o = to_frac_one(v[r, j, i], sr, kk, room, lim)
                         buf[0, j, i] = gelu_one(o, lim, span, lut)
                 requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
 
