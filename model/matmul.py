@@ -14,7 +14,8 @@ exponent, so the shift ``s = scale[m] - ex[m,j] - ew[n,j] = dx[m,j] + dw[n,j]`` 
 
 The fast path computes each K-block's integer products ``P`` with an int8 GEMM
 (``torch._int_mm``, int32 results) when both operands' mantissas fit int8, then adds
-``round_shift(P, s)`` per element with integer maths only; other operands (wider than 8 bits)
+``round_shift(P, s)`` per element (exactly, as ``P * 2**-s`` rounded in float32, see
+``_shift_sum``); other operands (wider than 8 bits)
 take one batched float GEMM over the K-blocks pre-scaled by (clamped) powers of two, giving every
 block term ``P * 2**-s`` exactly (float32 when the block products fit its significand, else
 float64), then the rounding and the sum over blocks, all exact (see ``_blocked_gemm``).
@@ -314,8 +315,11 @@ def _int8_torch():
 def _int8_fits(x: BlockTensor, w: BlockTensor) -> bool:
     """Whether :func:`_blocked_gemm` takes the int8 path for ``x @ w.T`` (see ``_GEMM_PATH``):
     both mantissa ranges within int8 (``qmax <= 127``; the symmetric ranges never hold -128),
-    block products ``|P| <= 128 * 127 * 127 < 2**31`` (int32), and ``torch._int_mm`` exact."""
+    block products ``|P| <= B * 127 * 127 < 2**22`` (int32, and exact in float32 for the
+    rounding of :func:`_shift_sum`; ``B <= 128``), and ``torch._int_mm`` exact."""
     if _GEMM_PATH == "float" or max(x.fmt.qmax, w.fmt.qmax) > 127:
+        return False
+    if x.fmt.block * x.fmt.qmax * w.fmt.qmax >= 1 << 22:
         return False
     if _GEMM_PATH == "auto" and x.shape[-2] * w.shape[-2] < _INT8_MIN_OUTPUTS:
         return False
@@ -326,18 +330,27 @@ _SHIFT_SUM = None
 
 
 def _shift_sum():
-    """The compiled integer pass of the int8 path (numba; compiled on first use, cached on disk).
+    """The compiled pass of the int8 path (numba; compiled on first use, cached on disk).
 
-    ``shift_sum(p, rows, out, l, m0, j0, sx, sw, bm, be, sc, q, e, qmax, e_min, e_max, bits)``:
+    ``shift_sum(p, rows, acc, l, m0, j0, fx, fw, bm, be, sc, q, e, qmax, e_min, e_max, bits)``:
     for the int32 products ``p[jj, r, n]`` of the K-blocks ``j = j0 + jj`` and rows
-    ``m = m0 + r < m0 + rows`` of batch element ``l``, adds
-    ``round_shift(p[jj, r, n], sx[l, m, j] + sw[l, j, n])`` to ``out[l, m, n]`` (set to 0 first
-    when ``j0 == 0``; :func:`bct.model.fixed.round_shift` on scalars: the one rounding rule,
-    integers only). After the last K-block it adds, when ``bm`` is not empty, the bias term
-    ``round_shift(bm[n], sc[l, m] - be[n // Bv])``, and, when ``q`` is not empty, re-encodes the
-    finished row into ``q[l, m]``, ``e[l, m]`` with :func:`bct.model.blocks.requantize`'s
-    compiled kernel (format ``qmax, e_min, e_max, bits``). Every array is C-contiguous (so the
-    loop over ``n`` vectorises).
+    ``m = m0 + r < m0 + rows`` of batch element ``l``, adds the block term
+    ``round_shift(p[jj, r, n], s)`` to the accumulator row ``acc[r, n]`` (int64; set to 0 first
+    when ``j0 == 0``). The
+    shift ``s = sx[l, m, j] + sw[l, j, n]`` comes as the float32 factors
+    ``fx[l, m, j] = 2**-min(sx, 24)`` and ``fw[l, j, n] = 2**-min(sw, 24 + G)``, and each term
+    is computed as ``trunc(t + copysign(1/2, t))`` with ``t = p * (fx * fw)`` in float32: the
+    rounding of :func:`_blocked_gemm_float`, exactly ``round_shift(p, s)`` by its proof
+    (``|p| < 2**22``; ``fx * fw`` and ``t`` are exact powers-of-two multiples in float32's
+    normal range, ``-16 <= s' <= 64``), so the one rounding rule holds; the terms are integers
+    summed in int64. Branch-free float maths, so the loop over ``n`` vectorises fully (the
+    variable-shift integer form does not).
+
+    After the last K-block it adds, when ``bm`` is not empty, the bias term
+    ``round_shift(bm[n], sc[l, m] - be[n // Bv])`` (:func:`bct.model.fixed.round_shift` on
+    scalars), and, when ``q`` is not empty, re-encodes the finished row into ``q[l, m]``
+    (``(L, M, nk, Bq)``), ``e[l, m]`` with :func:`bct.model.blocks.requantize`'s compiled
+    kernel (format ``qmax, e_min, e_max, bits``). Every array is C-contiguous.
     """
     global _SHIFT_SUM
     if _SHIFT_SUM is None:
@@ -349,30 +362,31 @@ def _shift_sum():
         requant_rows = _requantize_kernels()[0]
 
         @numba.njit(nogil=True, cache=True)
-        def shift_sum(p, rows, out, l, m0, j0, sx, sw, bm, be, sc, q, e, qmax, e_min, e_max, bits):
+        def shift_sum(p, rows, acc, l, m0, j0, fx, fw, bm, be, sc, q, e, qmax, e_min, e_max, bits):
             g, _, N = p.shape
             nbb = be.shape[0]
             Bv = N // nbb if nbb else 0
-            last = j0 + g == sw.shape[1]
+            last = j0 + g == fw.shape[1]
+            half = np.float32(0.5)
             for r in range(rows):
                 m = m0 + r
-                o = out[l, m]
+                o = acc[r]
                 if j0 == 0:
                     o[:] = 0
                 for jj in range(g):
                     pj = p[jj, r]
-                    swj = sw[l, j0 + jj]
-                    a = sx[l, m, j0 + jj]
+                    fwj = fw[l, j0 + jj]
+                    a = fx[l, m, j0 + jj]
                     for n in range(N):
-                        o[n] += rs(np.int64(pj[n]), a + swj[n])
+                        t = np.float32(pj[n]) * (a * fwj[n])
+                        o[n] += np.int64(np.trunc(t + np.copysign(half, t)))
                 if last:
                     for k in range(nbb):
                         s = sc[l, m] - be[k]
                         for i in range(k * Bv, (k + 1) * Bv):
                             o[i] += rs(bm[i], s)
                     if q.shape[0]:  # the finished row, re-encoded while in cache
-                        nk = e.shape[2]
-                        requant_rows(o.reshape((1, nk, N // nk)), sc[l, m:m + 1], q[l, m:m + 1],
+                        requant_rows(o.reshape((1,) + q.shape[2:]), sc[l, m:m + 1], q[l, m:m + 1],
                                      e[l, m:m + 1], qmax, e_min, e_max, bits)
 
         _SHIFT_SUM = shift_sum
@@ -387,10 +401,10 @@ _INT8_ROWS = 128
 _INT8_GROUP = 1 << 18
 
 
-def _prepare_right_int8(w: BlockTensor, B: int):
-    """``w``'s mantissas as int8 blocks ``(L * nb)`` torch views of ``(B, N)``, its column shifts
-    ``ew_max - ew`` as int64 ``(L, nb, N)`` and its largest exponents ``(..., 1, 1)``; kept per
-    2-D right operand (:func:`_prepared`)."""
+def _prepare_right_int8(w: BlockTensor, B: int, G: int):
+    """``w``'s mantissas as int8 blocks ``(L * nb)`` torch views of ``(B, N)``, its column
+    factors ``2**-min(ew_max - ew, 24 + G)`` as float32 ``(L, nb, N)`` (see :func:`_shift_sum`)
+    and its largest exponents ``(..., 1, 1)``; kept per 2-D right operand (:func:`_prepared`)."""
     def build():
         torch = _int8_torch()
         wm, we = act_blocks(w, B)  # (..., N, nb, B), (..., N, nb)
@@ -398,10 +412,11 @@ def _prepare_right_int8(w: BlockTensor, B: int):
         N, nb = we.shape[-2:]
         L = int(np.prod(we.shape[:-2], dtype=np.int64))
         wq = np.ascontiguousarray(wm.reshape(L, N, nb, B).transpose(0, 2, 3, 1), dtype=np.int8)
-        sw = np.ascontiguousarray((ew_max - we).reshape(L, N, nb).transpose(0, 2, 1), dtype=np.int64)
-        return torch.from_numpy(wq).view(L * nb, B, N).unbind(0), sw, ew_max
+        sw = np.minimum(ew_max - we, 24 + G).reshape(L, N, nb).transpose(0, 2, 1)
+        fw = np.ascontiguousarray(np.ldexp(np.float32(1), -sw).astype(np.float32))  # exact
+        return torch.from_numpy(wq).view(L * nb, B, N).unbind(0), fw, ew_max
 
-    return _prepared(w, (B, "int8"), build)
+    return _prepared(w, (B, "int8", G), build)
 
 
 def _chunks(L: int, M: int, per_row: int) -> list[tuple[int, int, int, int]]:
@@ -439,51 +454,54 @@ def _blocked_gemm(
     ``round_shift(b, scale - e_b)``): :func:`_blocked_gemm_int8` when :func:`_int8_fits`, else
     :func:`_blocked_gemm_float`. Both give the same integers."""
     if _int8_fits(x, w):
-        return _blocked_gemm_int8(x, w, scale, bias)
+        return _blocked_gemm_int8(x, w, scale, G, bias)
     return _blocked_gemm_float(x, w, scale, G, bias)
 
 
 def _blocked_gemm_int8(
-    x: BlockTensor, w: BlockTensor, scale: np.ndarray, bias: BlockTensor | None = None,
+    x: BlockTensor, w: BlockTensor, scale: np.ndarray, G: int, bias: BlockTensor | None = None,
     fmt: BlockFormat | None = None,
 ):
-    """The accumulator from int8 GEMMs of the K-blocks, in integers only; with ``fmt``, also
-    each finished row re-encoded by :func:`~bct.model.blocks.requantize`'s compiled kernel
-    (returns ``(accumulator, mantissas, exponents)``; ``N`` a multiple of ``fmt.block``).
+    """The accumulator from int8 GEMMs of the K-blocks (exact integer block products); with
+    ``fmt``, instead each finished row re-encoded by :func:`~bct.model.blocks.requantize`'s
+    compiled kernel (returns ``(mantissas, exponents)``; ``N`` a multiple of ``fmt.block``; the
+    accumulator then lives only in one chunk buffer per thread).
 
     The rows of each batch element are cut into chunks of ``R <= _INT8_ROWS`` rows (as even as
     possible; the last chunk padded with zero rows). Per chunk, one ``torch._int_mm`` per
     K-block ``j`` (int8 ``(R, B) @ (B, N)``, inner length B) gives the exact block products
     ``P_j`` in int32 (``|P| <= B qx qw <= 128 * 127**2 < 2**31``; the backend is checked once by
     :func:`_int8_torch`), and the compiled pass :func:`_shift_sum` adds ``round_shift(P_j, s)``
-    with the exact shift ``s = sx[m, j] + sw[n, j]`` (``sx = scale - ex - max ew``,
-    ``sw = max ew - ew``; no clamps) for groups of K-blocks of about ``_INT8_GROUP`` products
-    (in cache), then the bias term (and the re-encoding). The chunks are shared among
-    :func:`set_threads` threads; torch runs one intra-op thread in each (its thread count is
-    restored afterwards).
+    with the shift ``s = sx[m, j] + sw[n, j]`` (``sx = scale - ex - max ew >= -G``,
+    ``sw = max ew - ew >= 0``, given as float32 powers of two) for groups of K-blocks of about
+    ``_INT8_GROUP`` products (in cache), then the bias term (and the re-encoding). The chunks
+    are shared among :func:`set_threads` threads; torch runs one intra-op thread in each (its
+    thread count is restored afterwards).
     """
     torch = _int8_torch()
     B = x.fmt.block
-    tw, sw, ew_max = _prepare_right_int8(w, B)  # L * nb views (B, N), (L, nb, N), (..., 1, 1)
+    tw, fw, ew_max = _prepare_right_int8(w, B, G)  # L * nb views (B, N), (L, nb, N), (..., 1, 1)
     lead = x.shape[:-2]
     M, N = x.shape[-2], w.shape[-2]
     nb = x.exp.shape[-1]
     L = int(np.prod(lead, dtype=np.int64))
-    out = np.empty((L, M, N), dtype=np.int64)
     if fmt is None:
+        out = np.empty((L, M, N), dtype=np.int64)
         q, e, fargs = np.empty((0, 0, 0, 0), np.int64), np.empty((0, 0, 0), np.int64), (0, 0, 0, 0)
+        done = out.reshape(lead + (M, N))
     else:
+        out = None
         q = np.empty((L, M, N // fmt.block, fmt.block), dtype=np.int64)
         e = np.empty((L, M, N // fmt.block), dtype=np.int64)
         fargs = (fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits)
-    if out.size == 0:
-        if fmt is not None:
-            return out.reshape(lead + (M, N)), q.reshape(lead + (M, N)), e.reshape(lead + (M, -1))
-        return out.reshape(lead + (M, N))
+        done = q.reshape(lead + (M, N)), e.reshape(lead + (M, -1))
+    if L * M * N == 0:
+        return done
     nch = -(-M // min(M, _INT8_ROWS))
     R = -(-M // nch)  # rows per chunk, as even as possible
     g = max(1, min(nb, _INT8_GROUP // (R * N)))  # K-blocks per call of the compiled pass
-    sx = np.ascontiguousarray((scale[..., None] - x.exp - ew_max).reshape(L, M, nb), dtype=np.int64)
+    sx = np.minimum(scale[..., None] - x.exp - ew_max, 24).reshape(L, M, nb)
+    fx = np.ascontiguousarray(np.ldexp(np.float32(1), -sx).astype(np.float32))  # exact
     xq = np.zeros((L, nch * R, nb, B), dtype=np.int8)
     xq[:, :M] = x.blocks.reshape(L, M, nb, B)
     # (L, nch, nb, R, B): block j of chunk c is one contiguous (R, B) matrix
@@ -500,15 +518,17 @@ def _blocked_gemm_int8(
             torch.set_num_threads(1)
         p = np.empty((g, R, N), dtype=np.int32)
         tp = torch.from_numpy(p).unbind(0)
+        buf = np.empty((R, N), dtype=np.int64) if out is None else None
         for l, c in part:
             i = (l * nch + c) * nb
             m0 = c * R
             rows = min(R, M - m0)
+            acc = buf if out is None else out[l, m0:m0 + rows]
             for j0 in range(0, nb, g):
                 k = min(g, nb - j0)
                 for jj in range(k):
                     int_mm(tx[i + j0 + jj], tw[l * nb + j0 + jj], out=tp[jj])
-                shift_sum(p[:k], rows, out, l, m0, j0, sx, sw, bm, be, sc, q, e, *fargs)
+                shift_sum(p[:k], rows, acc, l, m0, j0, fx, fw, bm, be, sc, q, e, *fargs)
 
     saved = torch.get_num_threads()
     try:
@@ -516,9 +536,7 @@ def _blocked_gemm_int8(
     finally:
         if torch.get_num_threads() != saved:
             torch.set_num_threads(saved)
-    if fmt is not None:
-        return out.reshape(lead + (M, N)), q.reshape(lead + (M, N)), e.reshape(lead + (M, -1))
-    return out.reshape(lead + (M, N))
+    return done
 
 
 def _blocked_gemm_float(
@@ -631,7 +649,7 @@ def linear(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
     check_operands(x, w, bias, cfg)
     scale = row_scale(x, w, bias, cfg)
     if _int8_fits(x, w) and w.shape[-2] % fmt.block == 0:
-        _, q, e = _blocked_gemm_int8(x, w, scale, bias, fmt)
+        q, e = _blocked_gemm_int8(x, w, scale, cfg.acc_guard_bits, bias, fmt)
         return BlockTensor(q, e, fmt)
     y = _blocked_gemm(x, w, scale, cfg.acc_guard_bits, bias)
     return requantize(y, scale, fmt)
