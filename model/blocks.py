@@ -340,13 +340,32 @@ def _requantize_kernels():
             R, nk, B = y.shape
             for r in range(R):
                 for k in range(nk):
-                    ek = e_min
-                    first = True
+                    # the largest smallest exponent: with every non-zero |y| aligned to the
+                    # block's smallest scale lo (exact: round_shift(a << d, sh + d) ==
+                    # round_shift(a, sh), and min_shift grows with a), one min_shift of the
+                    # largest aligned value; per element when that could pass 2**61
+                    yk, sk = y[r, k], sb[r, k]
+                    lo, hi, amax = np.int64(1) << 62, -(np.int64(1) << 62), np.int64(0)
                     for i in range(B):
-                        a = abs(y[r, k, i])
-                        c = e_min if a == 0 else sb[r, k, i] + min_shift(a, qmax)
-                        ek = c if first else max(ek, c)
-                        first = False
+                        a = abs(yk[i])
+                        if a != 0:
+                            lo = min(lo, sk[i])
+                            hi = max(hi, sk[i])
+                        amax = max(amax, a)
+                    if amax == 0:
+                        ek = e_min
+                    elif bitlen(amax) + (hi - lo) <= 61:
+                        m = np.int64(0)
+                        for i in range(B):
+                            a = abs(yk[i])
+                            m = max(m, a << (sk[i] - lo) if a != 0 else np.int64(0))
+                        ek = lo + min_shift(m, qmax)
+                    else:
+                        ek = e_min
+                        for i in range(B):
+                            a = abs(yk[i])
+                            if a != 0:
+                                ek = max(ek, sk[i] + min_shift(a, qmax))
                     ek = min(max(ek, e_min), e_max)
                     e[r, k] = ek
                     for i in range(B):
