@@ -661,7 +661,8 @@ def add(*terms: BlockTensor, cfg: Config) -> Fixed:
 
     Each operand becomes ``round_shift(q, scale - e)`` with ``scale - e >= -G``, so
     ``|value| <= terms * qmax * 2**G <= Config.add_bound``. Operands are activations or
-    embedding rows (weight format).
+    embedding rows (weight format). One compiled pass per term (:func:`_add_kernel`), rows
+    shared among :func:`set_threads` threads when large.
     """
     if not 1 <= len(terms) <= MAX_ADD_TERMS:
         raise ValueError(f"add takes 1..{MAX_ADD_TERMS} terms, not {len(terms)} (too many terms)")
@@ -673,6 +674,61 @@ def add(*terms: BlockTensor, cfg: Config) -> Fixed:
             raise ConfigError(f"add operand format {t.fmt} is neither the activation nor the weight format")
     top = np.max([t.exp.max(axis=-1) for t in terms], axis=0)
     scale = (top - cfg.acc_guard_bits).astype(np.int64)
-    s = scale[..., None, None]
-    value = sum(round_shift(t.blocks, s - t.exp[..., None]) for t in terms)
+    if first.mant.ndim == 0 or first.exp.shape[-1] == 0:
+        s = scale[..., None, None]
+        value = sum(round_shift(t.blocks, s - t.exp[..., None]) for t in terms)
+        return Fixed(value.reshape(first.shape), scale)
+    R, K = int(np.prod(first.shape[:-1], dtype=np.int64)), first.shape[-1]
+    B = first.fmt.block
+    sc = np.ascontiguousarray(scale).reshape(R)
+    args = [(np.ascontiguousarray(t.mant).reshape(R, K // B, B),
+             np.ascontiguousarray(t.exp).reshape(R, -1)) for t in terms]
+    value = np.empty((R, K), dtype=np.int64)
+    kernel = _add_kernel()
+
+    def run(part):
+        for r0, r1 in part:
+            for i, (m, e) in enumerate(args):
+                kernel(m[r0:r1], e[r0:r1], sc[r0:r1], value[r0:r1], i == 0)
+
+    step = max(1, -(-R // _THREADS)) if R * K >= _PAR_MIN else R
+    _run_tasks(run, [(r0, min(r0 + step, R)) for r0 in range(0, R, step)])
     return Fixed(value.reshape(first.shape), scale)
+
+
+#: Elements of :func:`add` below which it stays on the calling thread.
+_PAR_MIN = 1 << 16
+
+_ADD = None
+
+
+def _add_kernel():
+    """The compiled pass of :func:`add` (numba; compiled on first use, cached on disk):
+    ``add_term(mant, exp, sc, out, first)`` sets (``first``) or adds
+    ``round_shift(mant[r, k, i], sc[r] - exp[r, k])`` (:func:`bct.model.fixed.round_shift` on
+    scalars, one shift per block) into ``out[r, k * B + i]``."""
+    global _ADD
+    if _ADD is None:
+        import numba
+
+        from bct.model.fixed import scalar_kernels
+
+        rs = scalar_kernels().round_shift
+
+        @numba.njit(nogil=True, cache=True)
+        def add_term(mant, exp, sc, out, first):
+            R, nk, B = mant.shape
+            for r in range(R):
+                for k in range(nk):
+                    s = sc[r] - exp[r, k]
+                    m = mant[r, k]
+                    o = out[r, k * B:(k + 1) * B]
+                    if first:
+                        for i in range(B):
+                            o[i] = rs(m[i], s)
+                    else:
+                        for i in range(B):
+                            o[i] += rs(m[i], s)
+
+        _ADD = add_term
+    return _ADD

@@ -172,6 +172,38 @@ def test_add_is_exact_with_guard_bits():
     assert np.abs(s.value).max() <= cfg.add_bound
 
 
+@pytest.mark.parametrize("n_terms", [1, 2, 3])
+def test_add_compiled_equals_round_shift_definition(n_terms, monkeypatch):
+    """The compiled add == the definition in numpy passes (round_shift_numpy per block), on
+    both formats, batched shapes, exponent gaps past 62 bits and split among threads."""
+    from bct.model.fixed import round_shift_numpy
+
+    rng = np.random.default_rng(40 + n_terms)
+    monkeypatch.setattr(matmul_module, "_PAR_MIN", 64)
+    before = matmul_module._THREADS
+    try:
+        for cfg in (Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)):
+            for fmt in (cfg.act_format, cfg.weight_format):
+                terms = []
+                for _ in range(n_terms):
+                    mant = rng.integers(-fmt.qmax, fmt.qmax + 1, (2, 3, 2 * fmt.block))
+                    exp = rng.integers(fmt.e_min, fmt.e_max + 1, (2, 3, 2))
+                    exp[0, 0] = fmt.e_min  # gaps up to the whole exponent range
+                    exp[1, 2, 1] = fmt.e_max
+                    terms.append(BlockTensor(mant, exp, fmt))
+                top = np.max([t.exp.max(axis=-1) for t in terms], axis=0)
+                scale = top - cfg.acc_guard_bits
+                want = sum(round_shift_numpy(t.blocks, scale[..., None, None] - t.exp[..., None])
+                           for t in terms).reshape(terms[0].shape)
+                for n in (1, 2):
+                    set_threads(n)
+                    got = add(*terms, cfg=cfg)
+                    assert got.value.dtype == np.int64 and np.array_equal(got.value, want)
+                    assert np.array_equal(got.scale, scale)
+    finally:
+        set_threads(before)
+
+
 def test_matmul_errors():
     cfg = Config()
     x = encode(np.ones((2, 64)), cfg.act_format)
