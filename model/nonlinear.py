@@ -382,7 +382,9 @@ def gelu(t: BlockTensor, cfg: Config) -> BlockTensor:
     compiled pass over the rows, each row's GELU read from a table of :func:`gelu_fixed` over
     every saturated input (when ``cfg.gelu_bits <= 20``) and re-encoded at once by
     ``requantize``'s compiled kernel; rows shared among
-    :func:`bct.model.matmul.set_threads` threads. The same integers.
+    :func:`bct.model.matmul.set_threads` threads. For mantissas of at most 8 bits the pass
+    first memoises ``to_fixed`` + GELU for every mantissa and block shift (a few thousand
+    entries) and reads each element from that memo. The same integers.
     """
     if t.fmt.block != cfg.act_format.block or t.mant.ndim < 1:
         return gelu_numpy(t, cfg)
@@ -391,7 +393,7 @@ def gelu(t: BlockTensor, cfg: Config) -> BlockTensor:
     mant = np.ascontiguousarray(t.mant).reshape(R, nb, t.fmt.block)
     exp = np.ascontiguousarray(t.exp).reshape(R, nb)
     return _gelu_rows(cfg, t.shape, R, lambda k, r0, r1, *a: k.gelu_blocks(
-        mant[r0:r1], exp[r0:r1], cfg.gelu_frac, cfg.gelu_bits, *a))
+        mant[r0:r1], exp[r0:r1], cfg.gelu_frac, cfg.gelu_bits, t.fmt.qmax, *a))
 
 
 def gelu_acc(x: Fixed, cfg: Config) -> BlockTensor:
@@ -639,18 +641,39 @@ def _kernels():
 
         requant_rows = _requantize_kernels()[0]
 
+        @numba.njit(nogil=True, cache=True, inline="always")
+        def gelu_mant(m, sh, lim, span, lut):  # gelu_fixed of to_fixed of one mantissa
+            return gelu_one(min(max(rs(m, sh), -lim), lim), lim, span, lut)
+
         @numba.njit(nogil=True, cache=True)
-        def gelu_blocks(mant, exp, frac, bits, lim, span, lut, s_out, qmax, e_min, e_max, obits,
-                        q, e):
+        def gelu_blocks(mant, exp, frac, bits, hq, lim, span, lut, s_out, qmax, e_min, e_max,
+                        obits, q, e):
             R, nb, B = mant.shape
             buf = np.empty((1, nb, B), dtype=np.int64)
             srow = np.full(1, s_out, dtype=np.int64)
+            # small input mantissas |m| <= hq: gelu_mant memoised for every m and every shift
+            # sh <= top (rs(m, sh) == 0 for sh >= top)
+            top = bitlen(hq) + 1
+            W = 2 * hq + 1
+            T = np.empty((bits + top + 1) * W if hq <= 255 else 0, dtype=np.int64)
+            for k in range(T.shape[0] // W if W else 0):
+                for m in range(-hq, hq + 1):
+                    T[k * W + m + hq] = gelu_mant(np.int64(m), k - bits, lim, span, lut)
             for r in range(R):
                 for j in range(nb):
                     sh = max(-(exp[r, j] + frac), -bits)  # to_fixed
-                    for i in range(B):
-                        x = min(max(rs(mant[r, j, i], sh), -lim), lim)
-                        buf[0, j, i] = gelu_one(x, lim, span, lut)
+                    mj, bj = mant[r, j], buf[0, j]
+                    big = np.int64(0)
+                    if T.shape[0]:
+                        for i in range(B):
+                            big = max(big, abs(mj[i]))
+                    if T.shape[0] and big <= hq:
+                        base = (min(sh, top) + bits) * W + hq
+                        for i in range(B):
+                            bj[i] = T[base + mj[i]]
+                    else:
+                        for i in range(B):
+                            bj[i] = gelu_mant(mj[i], sh, lim, span, lut)
                 requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
 
         @numba.njit(nogil=True, cache=True)
