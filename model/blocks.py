@@ -266,9 +266,12 @@ def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
 
     Notes
     -----
-    One compiled pass over the blocks (numba, :func:`_requantize_kernels`);
-    :func:`requantize_numpy` is the same definition in numpy passes (the tests' cross-check).
+    One compiled pass over the blocks (numba, :func:`_requantize_kernels`), rows shared among
+    the :func:`bct.model.matmul.set_threads` threads when large; :func:`requantize_numpy` is
+    the same definition in numpy passes (the tests' cross-check).
     """
+    from bct.model.nonlinear import _split_rows  # (imports this module)
+
     y = np.asarray(y, dtype=np.int64)
     yb = _blocked(y, fmt.block)
     scale = np.asarray(scale, dtype=np.int64)
@@ -280,10 +283,12 @@ def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
     args = (fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits)
     if scale.ndim == y.ndim and scale.ndim > 0 and scale.shape[-1] == y.shape[-1] != 1:
         sb = np.ascontiguousarray(np.broadcast_to(scale, y.shape)).reshape(y3.shape)
-        elems(y3, sb, q, e, *args)
+        kernel = elems
     else:
-        s = np.ascontiguousarray(np.broadcast_to(scale, y.shape[:-1])).reshape(R)
-        rows(y3, s, q, e, *args)
+        sb = np.ascontiguousarray(np.broadcast_to(scale, y.shape[:-1])).reshape(R)
+        kernel = rows
+    _split_rows(R, y3.shape[1] * fmt.block, lambda r0, r1: kernel(
+        y3[r0:r1], sb[r0:r1], q[r0:r1], e[r0:r1], *args))
     return BlockTensor(q.reshape(y.shape), e.reshape(yb.shape[:-1]), fmt)
 
 
