@@ -393,9 +393,54 @@ def _shift_sum():
     return _SHIFT_SUM
 
 
+_PACK = None
+
+
+def _pack_left():
+    """The compiled packing of the int8 path's left operand (numba; compiled on first use,
+    cached on disk): ``pack(mant, ex, sc, ewm, xq, fx)`` writes the mantissas ``(L, M, nb, B)``
+    as int8 chunks ``xq[l, c, j] = mant[l, c*R:(c+1)*R, j]`` (``(L, nch, nb, R, B)``, rows past
+    ``M`` zero) and the row factors ``fx[l, m, j] = 2**-min(sc[l, m] - ex[l, m, j] - ewm[l],
+    24)`` in float32 (exact powers of two, see :func:`_shift_sum`)."""
+    global _PACK
+    if _PACK is None:
+        import math
+
+        import numba
+
+        @numba.njit(nogil=True, cache=True)
+        def pack(mant, ex, sc, ewm, xq, fx):
+            L, M, nb, B = mant.shape
+            nch, R = xq.shape[1], xq.shape[3]
+            pw = np.empty(57, dtype=np.float32)  # 2**-s for s = -32..24 (s >= -G >= -16)
+            for k in range(57):
+                pw[k] = math.ldexp(1.0, 32 - k)
+            for l in range(L):
+                for c in range(nch):
+                    for j in range(nb):
+                        for r in range(R):
+                            m = c * R + r
+                            o = xq[l, c, j, r]
+                            if m < M:
+                                src = mant[l, m, j]
+                                for i in range(B):
+                                    o[i] = src[i]
+                            else:
+                                o[:] = 0
+                for m in range(M):
+                    for j in range(nb):
+                        fx[l, m, j] = pw[min(max(sc[l, m] - ex[l, m, j] - ewm[l], -32), 24) + 32]
+
+        _PACK = pack
+    return _PACK
+
+
 #: Rows per chunk of the int8 path (at most; chunks as even as possible): each
-#: ``torch._int_mm`` call costs some microseconds, so calls are kept large.
-_INT8_ROWS = 128
+#: ``torch._int_mm`` call costs some microseconds, so calls are kept large; but a chunk's
+#: accumulator rows stay within ``_INT8_ACC`` elements (1 MB of int64, in cache) down to half
+#: that many rows (N = 384: 256 rows, N = 1536: 128).
+_INT8_ROWS = 256
+_INT8_ACC = 1 << 17
 #: Block products per call of the int8 path's compiled pass (int32: 1 MB at most, mostly in
 #: cache with the chunk's output rows); at least one K-block.
 _INT8_GROUP = 1 << 18
@@ -467,8 +512,8 @@ def _blocked_gemm_int8(
     compiled kernel (returns ``(mantissas, exponents)``; ``N`` a multiple of ``fmt.block``; the
     accumulator then lives only in one chunk buffer per thread).
 
-    The rows of each batch element are cut into chunks of ``R <= _INT8_ROWS`` rows (as even as
-    possible; the last chunk padded with zero rows). Per chunk, one ``torch._int_mm`` per
+    The rows of each batch element are cut into chunks of ``R <= _INT8_ROWS`` rows (see there;
+    as even as possible; the last chunk padded with zero rows). Per chunk, one ``torch._int_mm`` per
     K-block ``j`` (int8 ``(R, B) @ (B, N)``, inner length B) gives the exact block products
     ``P_j`` in int32 (``|P| <= B qx qw <= 128 * 127**2 < 2**31``; the backend is checked once by
     :func:`_int8_torch`), and the compiled pass :func:`_shift_sum` adds ``round_shift(P_j, s)``
@@ -497,18 +542,19 @@ def _blocked_gemm_int8(
         done = q.reshape(lead + (M, N)), e.reshape(lead + (M, -1))
     if L * M * N == 0:
         return done
-    nch = -(-M // min(M, _INT8_ROWS))
+    rmax = max(1, min(_INT8_ROWS, max(_INT8_ROWS // 2, _INT8_ACC // N)))
+    nch = -(-M // min(M, rmax))
     R = -(-M // nch)  # rows per chunk, as even as possible
     g = max(1, min(nb, _INT8_GROUP // (R * N)))  # K-blocks per call of the compiled pass
-    sx = np.minimum(scale[..., None] - x.exp - ew_max, 24).reshape(L, M, nb)
-    fx = np.ascontiguousarray(np.ldexp(np.float32(1), -sx).astype(np.float32))  # exact
-    xq = np.zeros((L, nch * R, nb, B), dtype=np.int8)
-    xq[:, :M] = x.blocks.reshape(L, M, nb, B)
+    sc = np.ascontiguousarray(np.broadcast_to(scale, lead + (M,)).reshape(L, M))
     # (L, nch, nb, R, B): block j of chunk c is one contiguous (R, B) matrix
-    xq = np.ascontiguousarray(xq.reshape(L, nch, R, nb, B).transpose(0, 1, 3, 2, 4))
+    xq = np.empty((L, nch, nb, R, B), dtype=np.int8)
+    fx = np.empty((L, M, nb), dtype=np.float32)
+    _pack_left()(np.ascontiguousarray(x.blocks).reshape(L, M, nb, B),
+                 np.ascontiguousarray(x.exp).reshape(L, M, nb), sc,
+                 np.ascontiguousarray(ew_max, dtype=np.int64).reshape(L), xq, fx)
     tx = torch.from_numpy(xq).view(L * nch * nb, R, B).unbind(0)
     bm, be = _bias_arrays(bias)
-    sc = np.ascontiguousarray(np.broadcast_to(scale, lead + (M,)).reshape(L, M))
     shift_sum = _shift_sum()
     int_mm = torch._int_mm
     tasks = [(l, c) for l in range(L) for c in range(nch)]
