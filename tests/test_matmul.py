@@ -172,6 +172,34 @@ def test_add_is_exact_with_guard_bits():
     assert np.abs(s.value).max() <= cfg.add_bound
 
 
+def test_int8_pass_rounds_every_product_like_round_shift():
+    """The int8 path's compiled pass (block terms as P * 2**-s rounded in float32) equals
+    round_shift on every |P| <= 2**16, on every tie and its neighbours and the extremes up to
+    128 * 127**2, for splits s = sx + sw from -16 to past the clamps (factors built as the path
+    builds them, G = 0, 8, 16; every P and shift was also checked once outside the suite)."""
+    from bct.model.fixed import round_shift_numpy
+
+    shift_sum = matmul_module._shift_sum()
+    top = 128 * 127 * 127
+    ties = np.array([(1 << k) + d for k in range(22) for d in (-1, 0, 1)]
+                    + [(3 << k) >> 1 for k in range(1, 21)] + [top, top - 1], dtype=np.int64)
+    ties = ties[ties <= top]
+    P = np.unique(np.concatenate([np.arange(-(1 << 16), (1 << 16) + 1), ties, -ties]))
+    P = np.concatenate([P, np.zeros(-len(P) % 256, dtype=np.int64)])
+    p = P.astype(np.int32).reshape(1, -1, 256)
+    R = p.shape[1]
+    z = np.zeros(0, np.int64)
+    q0, e0 = np.empty((0, 0, 0, 0), np.int64), np.empty((0, 0, 0), np.int64)
+    acc = np.empty((R, 256), dtype=np.int64)
+    for G in (0, 8, 16):
+        for sx in sorted({-G, -G + 1, -1, 0, 1, 2, 7, 19, 23, 24, 25, 30}):
+            for sw in sorted({0, 1, 5, 21, 22, 23, 24, 25, 24 + G, 24 + G + 1, 70}):
+                fx = np.full((1, R, 1), np.ldexp(np.float32(1), -min(sx, 24)), dtype=np.float32)
+                fw = np.full((1, 1, 256), np.ldexp(np.float32(1), -min(sw, 24 + G)), dtype=np.float32)
+                shift_sum(p, R, acc, 0, 0, 0, fx, fw, z, z, np.zeros((1, R), np.int64), q0, e0, 0, 0, 0, 0)
+                assert np.array_equal(acc.reshape(-1), round_shift_numpy(P, sx + sw)), (G, sx, sw)
+
+
 @pytest.mark.parametrize("n_terms", [1, 2, 3])
 def test_add_compiled_equals_round_shift_definition(n_terms, monkeypatch):
     """The compiled add == the definition in numpy passes (round_shift_numpy per block), on
