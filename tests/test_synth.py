@@ -208,3 +208,71 @@ def test_classic_abc_fallback_script():
     assert out == ["read_verilog top.v", "blackbox top.unit", "synth_ecp5 -top top -run :map_luts",
                    "techmap -map +/lattice/latches_map.v", "abc -lut 4", "clean",
                    "synth_ecp5 -top top -run map_cells:", "tee -q -o s.json stat -json"]
+
+
+def _ccu2_cell(cin, init0="0xFFFF", init1="0x00AA", a1=5, s0=None):
+    """A CCU2 of a tiny netlist: A0..D0, B1..D1 tied to the VHI (bit 3), A1 and CIN as given;
+    COUT on bit 6, sums on bits 7 (or ``s0``) and 8."""
+    conn = {"A0": [3], "B0": [3], "C0": [3], "D0": [3], "A1": [a1], "B1": [3], "C1": [3],
+            "D1": [3], "COUT": [6], "S0": [s0 or 7], "S1": [8]}
+    if cin is not None:
+        conn["CIN"] = [cin]
+    dirs = {p: "output" if p in ("COUT", "S0", "S1") else "input" for p in conn}
+    return {"type": "CCU2", "parameters": {"INIT0": init0, "INIT1": init1, "INJECT": "NO"},
+            "port_directions": dirs, "connections": conn}
+
+
+def _tiny_netlist(feed):
+    """VLO (bit 2), VHI (bit 3), the cell ``feed``, and the chain cell it feeds (its sums on
+    the output port ``y``, which also reads bit 12)."""
+    add = _ccu2_cell(6, "0x96AA", "0x96AA")
+    add["connections"].update(COUT=[9], S0=[10], S1=[11])
+    return {"modules": {"top": {
+        "ports": {"a": {"direction": "input", "bits": [5]},
+                  "y": {"direction": "output", "bits": [10, 11, 12]}},
+        "cells": {"lo": {"type": "VLO", "port_directions": {"Z": "output"},
+                         "connections": {"Z": [2]}},
+                  "hi": {"type": "VHI", "port_directions": {"Z": "output"},
+                         "connections": {"Z": [3]}},
+                  "feed": feed, "add": add},
+        "netnames": {}}}}
+
+
+def test_nexus_drop_constant_cin_changes_only_the_feed_in_carry():
+    """YosysHQ/yosys#4081: the feed-in CCU2's carry-in tied to VLO (or a constant bit) is
+    disconnected, and nothing else in the netlist changes."""
+    import copy
+
+    from bct.synth import _ccu2, nexus_drop_constant_cin
+
+    # the feed-in cell (lattice/arith_map_nexus.v) passes A1 to COUT whatever its CIN
+    for a1 in (0, 1):
+        for cin in (0, 1):
+            v = {"A0": 1, "B0": 1, "C0": 1, "D0": 1, "A1": a1, "B1": 1, "C1": 1, "D1": 1}
+            assert _ccu2({"INIT0": "0xFFFF", "INIT1": "0x00AA", "INJECT": "NO"},
+                         {**v, "CIN": cin})[2] == a1
+    for cin in (2, "0", "1"):  # VLO, constant bits
+        before = _tiny_netlist(_ccu2_cell(cin))
+        after = copy.deepcopy(before)
+        assert nexus_drop_constant_cin(after) == ["feed"]
+        feed = before["modules"]["top"]["cells"]["feed"]
+        del feed["connections"]["CIN"], feed["port_directions"]["CIN"]
+        assert after == before
+    # a chain root without CIN and a CIN driven by a logic net are left alone
+    for feed in (_ccu2_cell(None), _ccu2_cell(5)):
+        nl = _tiny_netlist(feed)
+        assert nexus_drop_constant_cin(nl) == [] and nl == _tiny_netlist(feed)
+
+
+def test_nexus_drop_constant_cin_refuses_a_used_carry_in():
+    """A constant carry-in that reaches a used output (here the adder's COUT, or its sum when
+    read) is not dropped: SynthError, netlist untouched."""
+    from bct.synth import SynthError, nexus_drop_constant_cin
+
+    for feed in (_ccu2_cell(2, "0x96AA", "0x96AA"),  # COUT depends on CIN
+                 _ccu2_cell(3, "0x0000", "0x0000", s0=12)):  # the sum S0 = CIN is read
+        nl = _tiny_netlist(feed)
+        with pytest.raises(SynthError, match=r"CCU2 feed: its carry-in is tied to [01] and "
+                                             r"changes its outputs; .*YosysHQ/yosys#4081"):
+            nexus_drop_constant_cin(nl)
+        assert nl == _tiny_netlist(feed)
