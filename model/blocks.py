@@ -302,19 +302,23 @@ def _requantize_kernels():
     the format's range; then one rounding shift (the rule of :func:`bct.model.fixed.round_shift`)
     and saturation to ``+-qmax``. ``shift_rows`` is that shift and saturation alone, one shift
     per block (:func:`to_fixed`)."""
-    global _KERNELS
+    global _KERNELS, _nb_bitlen, _nb_rs, _nb_min_shift, _nb_shift_sat
     if _KERNELS is None:
         import numba
 
-        from bct.model.fixed import scalar_kernels
+        from bct.model import fixed
 
-        bitlen, rs = scalar_kernels().bit_length, scalar_kernels().round_shift
+        # kernels call kernels through these globals, never closures, and name the stamp of
+        # fixed.py, whose kernels their compiled code contains (bct.model.fixed.kernel_stamp)
+        _nb_bitlen, _nb_rs = fixed.scalar_kernels().bit_length, fixed.scalar_kernels().round_shift
+        stamp = fixed.kernel_stamp(fixed)
 
         @numba.njit(nogil=True, cache=True)
         def min_shift(m, qmax):
+            stamp  # noqa: B018 (the cache key)
             lim = 2 * qmax + 1
             v = 2 * m
-            d = bitlen(v) - bitlen(lim)
+            d = _nb_bitlen(v) - _nb_bitlen(lim)
             if d >= 0:
                 fits = (v >> min(d, 62)) < lim
             else:
@@ -323,25 +327,30 @@ def _requantize_kernels():
 
         @numba.njit(nogil=True, cache=True)
         def shift_sat(x, sh, qmax):  # round_shift(x, sh) saturated to +-qmax
-            return min(max(rs(x, sh), -qmax), qmax)
+            stamp  # noqa: B018
+            return min(max(_nb_rs(x, sh), -qmax), qmax)
+
+        _nb_min_shift, _nb_shift_sat = min_shift, shift_sat
 
         @numba.njit(nogil=True, cache=True)
         def rows(y, s, q, e, qmax, e_min, e_max, bits):
+            stamp  # noqa: B018
             R, nk, B = y.shape
             for r in range(R):
                 for k in range(nk):
                     m = 0
                     for i in range(B):
                         m = max(m, abs(y[r, k, i]))
-                    ek = e_min if m == 0 else s[r] + min_shift(m, qmax)
+                    ek = e_min if m == 0 else s[r] + _nb_min_shift(m, qmax)
                     ek = min(max(ek, e_min), e_max)
                     e[r, k] = ek
                     sh = max(ek - s[r], -(bits + 1))
                     for i in range(B):
-                        q[r, k, i] = shift_sat(y[r, k, i], sh, qmax)
+                        q[r, k, i] = _nb_shift_sat(y[r, k, i], sh, qmax)
 
         @numba.njit(nogil=True, cache=True)
         def elems(y, sb, q, e, qmax, e_min, e_max, bits):
+            stamp  # noqa: B018
             R, nk, B = y.shape
             for r in range(R):
                 for k in range(nk):
@@ -359,29 +368,31 @@ def _requantize_kernels():
                         amax = max(amax, a)
                     if amax == 0:
                         ek = e_min
-                    elif bitlen(amax) + (hi - lo) <= 61:
+                    elif _nb_bitlen(amax) + (hi - lo) <= 61:
                         m = np.int64(0)
                         for i in range(B):
                             a = abs(yk[i])
                             m = max(m, a << (sk[i] - lo) if a != 0 else np.int64(0))
-                        ek = lo + min_shift(m, qmax)
+                        ek = lo + _nb_min_shift(m, qmax)
                     else:
                         ek = e_min
                         for i in range(B):
                             a = abs(yk[i])
                             if a != 0:
-                                ek = max(ek, sk[i] + min_shift(a, qmax))
+                                ek = max(ek, sk[i] + _nb_min_shift(a, qmax))
                     ek = min(max(ek, e_min), e_max)
                     e[r, k] = ek
                     for i in range(B):
-                        q[r, k, i] = shift_sat(y[r, k, i], max(ek - sb[r, k, i], -(bits + 1)), qmax)
+                        q[r, k, i] = _nb_shift_sat(y[r, k, i], max(ek - sb[r, k, i], -(bits + 1)),
+                                                   qmax)
 
         @numba.njit(nogil=True, cache=True)
         def shift_rows(x, sh, qmax, out):  # out[r] = round_shift(x[r], sh[r]) saturated
+            stamp  # noqa: B018
             R, B = x.shape
             for r in range(R):
                 for i in range(B):
-                    out[r, i] = shift_sat(x[r, i], sh[r], qmax)
+                    out[r, i] = _nb_shift_sat(x[r, i], sh[r], qmax)
 
         _KERNELS = rows, elems, shift_rows
     return _KERNELS

@@ -96,20 +96,44 @@ def scalar_kernels():
     return _SCALAR
 
 
+def kernel_stamp(*modules) -> str:
+    """The cache stamp of compiled kernels that call kernels of other modules: the sha256 of
+    ``modules``' source files.
+
+    Numba's on-disk cache (``cache=True``) keys a kernel by its bytecode and a pickle of its
+    closure cells, and drops a file's entries only when that file's own source changes. So the
+    kernels of this package (1) never capture other kernels in their closure (a pickled
+    dispatcher carries a per-process uuid, so the key would differ in every process: nothing
+    would ever load from the cache and every process would append new entries); they call them
+    through module-level globals (``_nb_*``, set by the factory before the first call;
+    numba resolves globals when it compiles and they are not part of the key), and (2) a
+    kernel that calls, directly or through a kernel of its own file, a kernel of another file
+    names this stamp of those files (a closure cell holding a string: a stable pickle), so
+    that it is recompiled when they change rather than keeping their old code inlined.
+    """
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(Path(m.__file__).read_bytes())
+    return h.hexdigest()
+
+
 _UFUNC = None
 
 
 def _round_shift_ufunc():
     """:func:`round_shift` on one element (:func:`scalar_kernels`), as a numpy ufunc."""
-    global _UFUNC
+    global _UFUNC, _nb_round_shift
     if _UFUNC is None:
         import numba
 
-        rs = scalar_kernels().round_shift
+        _nb_round_shift = scalar_kernels().round_shift  # a global, not a closure: kernel_stamp
 
         @numba.vectorize(["int64(int64, int64)"], nopython=True, cache=True)
         def round_shift_one(x, s):
-            return rs(x, s)
+            return _nb_round_shift(x, s)
 
         _UFUNC = round_shift_one
     return _UFUNC

@@ -178,18 +178,21 @@ def _round_sum():
     blocks scaled by ``2**-sx`` (exact: a power of two within the float's normal range) as
     ``(L, nb, M, B)``, ``scale_right(mant, sw, out)`` the right operand's as ``(L, nb, B, N)``.
     """
-    global _ROUND_SUM
+    global _ROUND_SUM, _nb_rs
     if _ROUND_SUM is None:
         import math
 
         import numba
 
-        from bct.model.fixed import scalar_kernels
+        from bct.model import fixed
 
-        rs = scalar_kernels().round_shift
+        # a global, not a closure, and the stamp of fixed.py (bct.model.fixed.kernel_stamp)
+        _nb_rs = fixed.scalar_kernels().round_shift
+        stamp = fixed.kernel_stamp(fixed)
 
         @numba.njit(nogil=True, cache=True)
         def round_sum(t, out, bm, be, sc):
+            stamp  # noqa: B018 (the cache key)
             C, nb, R, N = t.shape
             half = t.dtype.type(0.5)
             nbb = be.shape[0]
@@ -209,7 +212,7 @@ def _round_sum():
                     for k in range(nbb):
                         s = sc[c, r] - be[k]
                         for i in range(k * Bv, (k + 1) * Bv):
-                            o[i] += rs(bm[i], s)
+                            o[i] += _nb_rs(bm[i], s)
 
         @numba.njit(nogil=True, cache=True)
         def scale_left(mant, sx, out):  # out[l, j, m, :] = mant[l, m, j, :] * 2**-sx[l, m, j]
@@ -352,17 +355,21 @@ def _shift_sum():
     (``(L, M, nk, Bq)``), ``e[l, m]`` with :func:`bct.model.blocks.requantize`'s compiled
     kernel (format ``qmax, e_min, e_max, bits``). Every array is C-contiguous.
     """
-    global _SHIFT_SUM
+    global _SHIFT_SUM, _nb_rs, _nb_requant_rows
     if _SHIFT_SUM is None:
         import numba
 
-        from bct.model.fixed import scalar_kernels
+        from bct.model import blocks, fixed
 
-        rs = scalar_kernels().round_shift
-        requant_rows = _requantize_kernels()[0]
+        # globals, not closures, and the stamp of fixed.py and blocks.py, whose kernels its
+        # compiled code contains (bct.model.fixed.kernel_stamp)
+        _nb_rs = fixed.scalar_kernels().round_shift
+        _nb_requant_rows = _requantize_kernels()[0]
+        stamp = fixed.kernel_stamp(fixed, blocks)
 
         @numba.njit(nogil=True, cache=True)
         def shift_sum(p, rows, acc, l, m0, j0, fx, fw, bm, be, sc, q, e, qmax, e_min, e_max, bits):
+            stamp  # noqa: B018 (the cache key)
             g, _, N = p.shape
             nbb = be.shape[0]
             Bv = N // nbb if nbb else 0
@@ -384,10 +391,10 @@ def _shift_sum():
                     for k in range(nbb):
                         s = sc[l, m] - be[k]
                         for i in range(k * Bv, (k + 1) * Bv):
-                            o[i] += rs(bm[i], s)
+                            o[i] += _nb_rs(bm[i], s)
                     if q.shape[0]:  # the finished row, re-encoded while in cache
-                        requant_rows(o.reshape((1,) + q.shape[2:]), sc[l, m:m + 1], q[l, m:m + 1],
-                                     e[l, m:m + 1], qmax, e_min, e_max, bits)
+                        _nb_requant_rows(o.reshape((1,) + q.shape[2:]), sc[l, m:m + 1],
+                                         q[l, m:m + 1], e[l, m:m + 1], qmax, e_min, e_max, bits)
 
         _SHIFT_SUM = shift_sum
     return _SHIFT_SUM
@@ -753,16 +760,19 @@ def _add_kernel():
     ``add_term(mant, exp, sc, out, first)`` sets (``first``) or adds
     ``round_shift(mant[r, k, i], sc[r] - exp[r, k])`` (:func:`bct.model.fixed.round_shift` on
     scalars, one shift per block) into ``out[r, k * B + i]``."""
-    global _ADD
+    global _ADD, _nb_rs
     if _ADD is None:
         import numba
 
-        from bct.model.fixed import scalar_kernels
+        from bct.model import fixed
 
-        rs = scalar_kernels().round_shift
+        # a global, not a closure, and the stamp of fixed.py (bct.model.fixed.kernel_stamp)
+        _nb_rs = fixed.scalar_kernels().round_shift
+        stamp = fixed.kernel_stamp(fixed)
 
         @numba.njit(nogil=True, cache=True)
         def add_term(mant, exp, sc, out, first):
+            stamp  # noqa: B018 (the cache key)
             R, nk, B = mant.shape
             for r in range(R):
                 for k in range(nk):
@@ -771,10 +781,10 @@ def _add_kernel():
                     o = out[r, k * B:(k + 1) * B]
                     if first:
                         for i in range(B):
-                            o[i] = rs(m[i], s)
+                            o[i] = _nb_rs(m[i], s)
                     else:
                         for i in range(B):
-                            o[i] += rs(m[i], s)
+                            o[i] += _nb_rs(m[i], s)
 
         _ADD = add_term
     return _ADD

@@ -503,19 +503,25 @@ _KERNELS = None
 
 def _kernels():
     """The compiled nonlinear units (numba; compiled on first use, cached on disk). Scalar
-    rounding is :func:`bct.model.fixed.round_shift`'s rule element by element (``rs``), the
+    rounding is :func:`bct.model.fixed.round_shift`'s rule element by element (``_nb_rs``), the
     division :func:`~bct.model.fixed.round_div`'s, the bit length and the rounded square root
     those of :func:`~bct.model.fixed.bit_length` / :func:`~bct.model.fixed.sqrt_round_int`."""
-    global _KERNELS
+    global _KERNELS, _nb_rs, _nb_rdiv, _nb_bitlen, _nb_requant_rows, _nb_sqrt_round
+    global _nb_gelu_one, _nb_to_frac_one, _nb_softmax_row, _nb_gelu_mant
     if _KERNELS is None:
         from types import SimpleNamespace
 
         import numba
 
-        from bct.model.fixed import scalar_kernels
+        from bct.model import blocks, fixed
 
-        one = scalar_kernels()
-        rs, rdiv, bitlen = one.round_shift, one.round_div, one.bit_length
+        # kernels call kernels through these globals (_nb_*), never closures, and those that
+        # reach a kernel of fixed.py or blocks.py name the stamp of those files, whose kernels
+        # their compiled code contains (bct.model.fixed.kernel_stamp)
+        one = fixed.scalar_kernels()
+        _nb_rs, _nb_rdiv, _nb_bitlen = one.round_shift, one.round_div, one.bit_length
+        _nb_requant_rows = _requantize_kernels()[0]
+        stamp = fixed.kernel_stamp(fixed, blocks)
 
         @numba.njit(nogil=True, cache=True)
         def sqrt_round(d):  # sqrt_round_int on one element
@@ -527,6 +533,8 @@ def _kernels():
                 r += 1
             return (r + 1) >> 1
 
+        _nb_sqrt_round = sqrt_round
+
         @numba.njit(nogil=True, cache=True, inline="always")
         def gelu_one(x, lim, span, lut):  # gelu_fixed of one input by the table
             v = min(max(x, -lim), lim)
@@ -536,35 +544,42 @@ def _kernels():
                 return np.int64(0)
             return np.int64(lut[v + span])
 
+        _nb_gelu_one = gelu_one
+
         @numba.njit(nogil=True, cache=True)
         def gelu(x, out, lim, span, lut):
             for i in range(x.shape[0]):
-                out[i] = gelu_one(x[i], lim, span, lut)
+                out[i] = _nb_gelu_one(x[i], lim, span, lut)
 
         @numba.njit(nogil=True, cache=True, inline="always")
         def to_frac_one(x, sr, k, room, lim):  # fixed_to_frac of one element (k, room: of sr)
+            stamp  # noqa: B018 (the cache key)
             if sr > 0:
-                o = rs(x, sr)
+                o = _nb_rs(x, sr)
             elif abs(x) <= room:
                 o = min(max(x, -room), room) << k
             else:
                 o = lim if x > 0 else (-lim if x < 0 else 0)
             return min(max(o, -lim), lim)
 
+        _nb_to_frac_one = to_frac_one
+
         @numba.njit(nogil=True, cache=True)
         def to_frac(v, s, out, lim, bits):
+            stamp  # noqa: B018 (the cache key)
             R, N = v.shape
             for r in range(R):
                 sr = s[r]
                 k = min(max(-sr, 0), bits)
                 room = lim >> k
                 for j in range(N):
-                    out[r, j] = to_frac_one(v[r, j], sr, k, room, lim)
+                    out[r, j] = _nb_to_frac_one(v[r, j], sr, k, room, lim)
 
         @numba.njit(nogil=True, cache=True)
         def softmax_row(x, mr, e, out, log2e, l2frac, frac, lut, recip_num, recip_shift):
             """softmax_fixed of one row ``x`` (already saturated to +-lim) under the mask
             row ``mr`` (at least one element set) into ``out``; ``e`` is scratch."""
+            stamp  # noqa: B018 (the cache key)
             fmask = (np.int64(1) << frac) - 1
             xmax = np.int64(-(1 << 62))
             for j in range(x.shape[0]):
@@ -573,18 +588,21 @@ def _kernels():
             total = np.int64(0)
             for j in range(x.shape[0]):
                 if mr[j]:
-                    u = -rs((x[j] - xmax) * log2e, l2frac)
-                    ej = rs(lut[u & fmask], u >> frac)
+                    u = -_nb_rs((x[j] - xmax) * log2e, l2frac)
+                    ej = _nb_rs(lut[u & fmask], u >> frac)
                     e[j] = ej
                     total += ej
                 else:
                     e[j] = 0
-            recip = rdiv(recip_num, total)
+            recip = _nb_rdiv(recip_num, total)
             for j in range(x.shape[0]):
-                out[j] = rs(e[j] * recip, recip_shift)
+                out[j] = _nb_rs(e[j] * recip, recip_shift)
+
+        _nb_softmax_row = softmax_row
 
         @numba.njit(nogil=True, cache=True)
         def softmax(x, m, step, out, lim, log2e, l2frac, frac, lut, recip_num, recip_shift):
+            stamp  # noqa: B018 (the cache key)
             R, L = x.shape
             for r in range(R):  # every row needs an unmasked element (checked first, as numpy)
                 mr = m[r * step]
@@ -600,12 +618,13 @@ def _kernels():
             for r in range(R):
                 for j in range(L):
                     xc[j] = min(max(x[r, j], -lim), lim)
-                softmax_row(xc, m[r * step], e, out[r], log2e, l2frac, frac, lut, recip_num,
-                            recip_shift)
+                _nb_softmax_row(xc, m[r * step], e, out[r], log2e, l2frac, frac, lut, recip_num,
+                                recip_shift)
             return True
 
         @numba.njit(nogil=True, cache=True)
         def layernorm(v, eps, out, bound, cap, W, recip_shift, frac):
+            stamp  # noqa: B018 (the cache key)
             R, N = v.shape
             for r in range(R):  # the bound is checked first, as numpy
                 for j in range(N):
@@ -621,44 +640,47 @@ def _kernels():
                     s1 += a
                     s2 += a * a
                 d = min(N * s2 - s1 * s1 + eps[r], cap)
-                t = (bitlen(d) - 2 * W + 1) >> 1
-                root = sqrt_round(rs(d, 2 * t))
-                inv = rdiv(one, max(root, 1)) if root > 0 else np.int64(0)
+                t = (_nb_bitlen(d) - 2 * W + 1) >> 1
+                root = _nb_sqrt_round(_nb_rs(d, 2 * t))
+                inv = _nb_rdiv(one, max(root, 1)) if root > 0 else np.int64(0)
                 sh = recip_shift - frac + t
                 for j in range(N):
-                    out[r, j] = rs((N * vr[j] - s1) * inv, sh)
+                    out[r, j] = _nb_rs((N * vr[j] - s1) * inv, sh)
             return True
 
         @numba.njit(nogil=True, cache=True)
         def affine(y, g, gsh, b, out, lim):
+            stamp  # noqa: B018 (the cache key)
             R, nb, B = y.shape
             for r in range(R):
                 for k in range(nb):
                     sh = gsh[k]
                     for i in range(B):
-                        v = min(max(rs(y[r, k, i] * g[k, i], sh), -lim), lim)
+                        v = min(max(_nb_rs(y[r, k, i] * g[k, i], sh), -lim), lim)
                         out[r, k, i] = min(max(v + b[k, i], -lim), lim)
-
-        requant_rows = _requantize_kernels()[0]
 
         @numba.njit(nogil=True, cache=True, inline="always")
         def gelu_mant(m, sh, lim, span, lut):  # gelu_fixed of to_fixed of one mantissa
-            return gelu_one(min(max(rs(m, sh), -lim), lim), lim, span, lut)
+            stamp  # noqa: B018 (the cache key)
+            return _nb_gelu_one(min(max(_nb_rs(m, sh), -lim), lim), lim, span, lut)
+
+        _nb_gelu_mant = gelu_mant
 
         @numba.njit(nogil=True, cache=True)
         def gelu_blocks(mant, exp, frac, bits, hq, lim, span, lut, s_out, qmax, e_min, e_max,
                         obits, q, e):
+            stamp  # noqa: B018 (the cache key)
             R, nb, B = mant.shape
             buf = np.empty((1, nb, B), dtype=np.int64)
             srow = np.full(1, s_out, dtype=np.int64)
             # small input mantissas |m| <= hq: gelu_mant memoised for every m and every shift
             # sh <= top (rs(m, sh) == 0 for sh >= top)
-            top = bitlen(hq) + 1
+            top = _nb_bitlen(hq) + 1
             W = 2 * hq + 1
             T = np.empty((bits + top + 1) * W if hq <= 255 else 0, dtype=np.int64)
             for k in range(T.shape[0] // W if W else 0):
                 for m in range(-hq, hq + 1):
-                    T[k * W + m + hq] = gelu_mant(np.int64(m), k - bits, lim, span, lut)
+                    T[k * W + m + hq] = _nb_gelu_mant(np.int64(m), k - bits, lim, span, lut)
             for r in range(R):
                 for j in range(nb):
                     sh = max(-(exp[r, j] + frac), -bits)  # to_fixed
@@ -673,11 +695,12 @@ def _kernels():
                             bj[i] = T[base + mj[i]]
                     else:
                         for i in range(B):
-                            bj[i] = gelu_mant(mj[i], sh, lim, span, lut)
-                requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
+                            bj[i] = _nb_gelu_mant(mj[i], sh, lim, span, lut)
+                _nb_requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
 
         @numba.njit(nogil=True, cache=True)
         def gelu_acc_rows(v, s, bits, lim, span, lut, s_out, qmax, e_min, e_max, obits, q, e):
+            stamp  # noqa: B018 (the cache key)
             R, nb, B = v.shape
             buf = np.empty((1, nb, B), dtype=np.int64)
             srow = np.full(1, s_out, dtype=np.int64)
@@ -687,13 +710,14 @@ def _kernels():
                 room = lim >> kk
                 for j in range(nb):
                     for i in range(B):
-                        o = to_frac_one(v[r, j, i], sr, kk, room, lim)
-                        buf[0, j, i] = gelu_one(o, lim, span, lut)
-                requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
+                        o = _nb_to_frac_one(v[r, j, i], sr, kk, room, lim)
+                        buf[0, j, i] = _nb_gelu_one(o, lim, span, lut)
+                _nb_requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
 
         @numba.njit(nogil=True, cache=True)
         def softmax_blocks(mant, exp, m, step, frac, bits, lim, log2e, l2frac, lut, recip_num,
                            recip_shift, s_out, qmax, e_min, e_max, obits, q, e):
+            stamp  # noqa: B018 (the cache key)
             R, nb, B = mant.shape
             x = np.empty(nb * B, dtype=np.int64)
             scratch = np.empty(nb * B, dtype=np.int64)
@@ -704,10 +728,10 @@ def _kernels():
                 for j in range(nb):  # to_fixed, saturated as softmax_fixed does
                     sh = max(-(exp[r, j] + frac), -bits)
                     for i in range(B):
-                        x[j * B + i] = min(max(rs(mant[r, j, i], sh), -lim), lim)
-                softmax_row(x, m[r * step], scratch, probs, log2e, l2frac, frac, lut, recip_num,
-                            recip_shift)
-                requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
+                        x[j * B + i] = min(max(_nb_rs(mant[r, j, i], sh), -lim), lim)
+                _nb_softmax_row(x, m[r * step], scratch, probs, log2e, l2frac, frac, lut,
+                                recip_num, recip_shift)
+                _nb_requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
 
         _KERNELS = SimpleNamespace(gelu=gelu, to_frac=to_frac, softmax=softmax,
                                    layernorm=layernorm, affine=affine, gelu_blocks=gelu_blocks,
