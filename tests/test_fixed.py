@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 from hypothesis import given, settings
@@ -95,3 +98,44 @@ def test_round_shift_arrays_broadcast_every_path(xs, ss, wide_shift):
         if sel.any():
             sub = s[sel][None, :]
             assert np.array_equal(round_shift(x, sub), got[:, sel[0]])
+
+
+# Kernels of the four modules with compiled code (fixed, blocks, matmul, nonlinear), some
+# calling another file's kernels; prints a checksum of the results.
+_CACHED_RUN = """
+import numpy as np
+from bct.config import Config
+from bct.model import blocks, fixed, matmul, nonlinear
+cfg = Config()
+y = np.arange(-96, 96, dtype=np.int64).reshape(2, 96) * 1237
+t = blocks.requantize(y, 3, cfg.act_format)
+s = matmul.add(t, t, cfg=cfg)
+f = nonlinear.fixed_to_frac(s, 8, 16)
+print(int(fixed.round_shift(y, 5).sum()), int(t.mant.sum()), int(s.value.sum()), int(f.sum()))
+"""
+
+
+def test_compiled_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
+    """A second process finds every compiled kernel in numba's disk cache: it writes nothing
+    (no new entry, no rewritten index) and computes the same. A kernel whose cache key
+    differs between processes (e.g. one capturing another kernel in its closure, whose pickle
+    carries a per-process uuid) would be compiled again and added to the cache every time."""
+    cache = tmp_path / "numba"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _CACHED_RUN], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        files = {p.relative_to(cache).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+                 for p in cache.rglob("*") if p.is_file()}
+        return out.stdout, files
+
+    first, files1 = run()
+    names = " ".join(files1)
+    for kernel in ("fixed._round_shift_ufunc", "blocks._requantize_kernels.locals.rows",
+                   "matmul._add_kernel", "nonlinear._kernels.locals.to_frac"):
+        assert kernel in names  # compiled and cached
+    second, files2 = run()
+    assert second == first
+    assert files2 == files1
