@@ -26,12 +26,16 @@ MAX_ADD_TERMS = 3
 #: The values of ``Config.weight_exp_search`` (the choices of ``bct.model.blocks.encode``).
 WEIGHT_EXP_SEARCHES = ("max", "mse")
 
+#: The data-free, function-preserving weight transforms ``Config.weight_equalize`` may name
+#: (``bct.model.equalize``), in the order they are applied.
+WEIGHT_EQUALIZE_TRANSFORMS = ("qk_scale", "ffn_perm")
+
 #: Widest accumulator the software fast path keeps exact (float64 holds every integer below 2**53).
 EXACT_FLOAT_BITS = 53
 
 #: Fields added after schema 1: :meth:`Config.to_dict` (hence :attr:`Config.hash`) leaves each
 #: out while it equals its default, so every config that does not use them keeps its hash.
-OPTIONAL_FIELDS = ("residual_bits", "gelu_direct")
+OPTIONAL_FIELDS = ("residual_bits", "gelu_direct", "weight_equalize")
 
 
 class ConfigError(ValueError):
@@ -124,6 +128,12 @@ class Config:
         block's largest magnitude does not saturate; ``"mse"``, the one of smallest squared
         error among that exponent and the two below it (clipping the largest elements for a
         finer step). See docs/arithmetic.md.
+    weight_equalize : str or None
+        Data-free transforms applied to the float checkpoint before its weights are encoded
+        (exact in real arithmetic, so the float network is unchanged; see
+        ``bct.model.equalize``): names of :data:`WEIGHT_EQUALIZE_TRANSFORMS` joined by ``+``,
+        each at most once and in that order, e.g. ``"qk_scale+ffn_perm"``. ``None``
+        (default): the checkpoint is encoded as loaded.
     acc_guard_bits : int
         Fractional guard bits kept below the largest block product when per-block partial sums
         are aligned into the matmul accumulator (see docs/arithmetic.md).
@@ -172,6 +182,7 @@ class Config:
     exp_bits: int = 8
     weight_exp_bits: int | None = None
     weight_exp_search: str = "max"
+    weight_equalize: str | None = None
     acc_guard_bits: int = 8
     max_reduction: int = 4096
     gelu_frac: int = 8
@@ -214,6 +225,14 @@ class Config:
             raise ConfigError(
                 f"weight_exp_search must be 'max' or 'mse', not {self.weight_exp_search!r}"
             )
+        if self.weight_equalize is not None:
+            names = self.weight_equalize.split("+") if isinstance(self.weight_equalize, str) else ()
+            if not names or [n for n in WEIGHT_EQUALIZE_TRANSFORMS if n in names] != names:
+                raise ConfigError(
+                    "weight_equalize must be None or names from "
+                    f"{', '.join(WEIGHT_EQUALIZE_TRANSFORMS)} joined by '+' (each once, in that "
+                    f"order), not {self.weight_equalize!r}"
+                )
         _check_int("acc_guard_bits", self.acc_guard_bits, 0, 16)
         if self.residual_bits is not None:  # its aligned sums must stay within add_bound
             _check_int("residual_bits", self.residual_bits, self.act_bits,

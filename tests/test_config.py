@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -146,3 +147,24 @@ def test_gelu_direct_is_hashed_when_set():
     assert c.to_dict()["gelu_direct"] is True and c.hash != Config().hash
     assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     assert Config(gelu_direct=True, residual_bits=16).hash not in (c.hash, Config(residual_bits=16).hash)
+
+
+def test_weight_equalize_is_hashed_when_set():
+    base = Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6, weight_exp_search="mse")
+    assert base.weight_equalize is None and "weight_equalize" not in base.to_dict()
+    assert base.hash == "8804f70186d61d11"  # the 7.90x config of docs/evaluation.md, unchanged
+    hashes = {base.hash}
+    for v in ("qk_scale", "ffn_perm", "qk_scale+ffn_perm"):
+        c = base.replace(weight_equalize=v)
+        assert c.to_dict()["weight_equalize"] == v and c.weight_format == base.weight_format
+        assert Config.from_dict(json.loads(json.dumps(c.to_dict()))).hash == c.hash
+        hashes.add(c.hash)
+    assert len(hashes) == 4
+
+
+@pytest.mark.parametrize("value", ["", "ffn_perm+qk_scale", "qk_scale+qk_scale", "hadamard", 1])
+def test_weight_equalize_refuses_unknown_or_unordered_names(value):
+    msg = ("weight_equalize must be None or names from qk_scale, ffn_perm joined by '+' "
+           f"(each once, in that order), not {value!r}")
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        Config(weight_equalize=value)
