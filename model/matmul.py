@@ -335,25 +335,32 @@ _SHIFT_SUM = None
 def _shift_sum():
     """The compiled pass of the int8 path (numba; compiled on first use, cached on disk).
 
-    ``shift_sum(p, rows, acc, l, m0, j0, fx, fw, bm, be, sc, q, e, qmax, e_min, e_max, bits)``:
-    for the int32 products ``p[jj, r, n]`` of the K-blocks ``j = j0 + jj`` and rows
-    ``m = m0 + r < m0 + rows`` of batch element ``l``, adds the block term
-    ``round_shift(p[jj, r, n], s)`` to the accumulator row ``acc[r, n]`` (int64; set to 0 first
-    when ``j0 == 0``). The
-    shift ``s = sx[l, m, j] + sw[l, j, n]`` comes as the float32 factors
+    ``shift_sum(p, rows, acc, out, l, m0, j0, s0, s1, fx, fw, bm, be, sc, q, e, qmax, e_min,
+    e_max, bits)``: for the int32 products ``p[jj, r, n]`` of the K-blocks ``j = j0 + jj`` and
+    rows ``m = m0 + r < m0 + rows`` of batch element ``l``, adds the block term
+    ``round_shift(p[jj, r, n], s)`` to the segment accumulator row ``acc[r, n]`` (set to 0
+    first when ``j0 == s0``, the first block of the segment ``[s0, s1)``). The shift
+    ``s = sx[l, m, j] + sw[l, j, n]`` comes as the float32 factors
     ``fx[l, m, j] = 2**-min(sx, 24)`` and ``fw[l, j, n] = 2**-min(sw, 24 + G)``, and each term
     is computed as ``trunc(t + copysign(1/2, t))`` with ``t = p * (fx * fw)`` in float32: the
     rounding of :func:`_blocked_gemm_float`, exactly ``round_shift(p, s)`` by its proof
     (``|p| < 2**22``; ``fx * fw`` and ``t`` are exact powers-of-two multiples in float32's
-    normal range, ``-16 <= s' <= 64``), so the one rounding rule holds; the terms are integers
-    summed in int64. Branch-free float maths, so the loop over ``n`` vectorises fully (the
-    variable-shift integer form does not).
+    normal range, ``-16 <= s' <= 64``), so the one rounding rule holds. Branch-free float
+    maths, so the loop over ``n`` vectorises fully (the variable-shift integer form does not).
+
+    ``acc`` is int32 when every partial sum of a segment fits it (the caller sizes the
+    segments, :func:`_int8_segment`: each term is at most ``|p| * 2**G``), else int64; the
+    terms are converted to ``acc``'s type (exact: integers within its range). Half the bytes
+    of an int64 row per block, and 16 lanes per vector. After the segment's last block
+    (``j0 + g == s1``) the row is widened into the int64 result row ``out[r]`` (set for the
+    first segment, added for the others; ``out`` of one row is a scratch row, allowed with a
+    single segment only).
 
     After the last K-block it adds, when ``bm`` is not empty, the bias term
     ``round_shift(bm[n], sc[l, m] - be[n // Bv])`` (:func:`bct.model.fixed.round_shift` on
-    scalars), and, when ``q`` is not empty, re-encodes the finished row into ``q[l, m]``
-    (``(L, M, nk, Bq)``), ``e[l, m]`` with :func:`bct.model.blocks.requantize`'s compiled
-    kernel (format ``qmax, e_min, e_max, bits``). Every array is C-contiguous.
+    scalars) to ``out[r]``, and, when ``q`` is not empty, re-encodes the finished row into
+    ``q[l, m]`` (``(L, M, nk, Bq)``), ``e[l, m]`` with :func:`bct.model.blocks.requantize`'s
+    compiled kernel (format ``qmax, e_min, e_max, bits``). Every array is C-contiguous.
     """
     global _SHIFT_SUM, _nb_rs, _nb_requant_rows
     if _SHIFT_SUM is None:
@@ -368,36 +375,61 @@ def _shift_sum():
         stamp = fixed.kernel_stamp(fixed, blocks)
 
         @numba.njit(nogil=True, cache=True)
-        def shift_sum(p, rows, acc, l, m0, j0, fx, fw, bm, be, sc, q, e, qmax, e_min, e_max, bits):
+        def shift_sum(p, rows, acc, out, l, m0, j0, s0, s1, fx, fw, bm, be, sc, q, e, qmax,
+                      e_min, e_max, bits):
             stamp  # noqa: B018 (the cache key)
             g, _, N = p.shape
             nbb = be.shape[0]
             Bv = N // nbb if nbb else 0
+            narrow = acc.itemsize == 4
+            seg_end = j0 + g == s1
             last = j0 + g == fw.shape[1]
             half = np.float32(0.5)
             for r in range(rows):
                 m = m0 + r
                 o = acc[r]
-                if j0 == 0:
+                if j0 == s0:
                     o[:] = 0
                 for jj in range(g):
                     pj = p[jj, r]
                     fwj = fw[l, j0 + jj]
                     a = fx[l, m, j0 + jj]
+                    if narrow:
+                        for n in range(N):
+                            t = np.float32(pj[n]) * (a * fwj[n])
+                            o[n] += np.int32(np.trunc(t + np.copysign(half, t)))
+                    else:
+                        for n in range(N):
+                            t = np.float32(pj[n]) * (a * fwj[n])
+                            o[n] += np.int64(np.trunc(t + np.copysign(half, t)))
+                if not seg_end:
+                    continue
+                w = out[r if out.shape[0] > 1 else 0]
+                if s0 == 0:
                     for n in range(N):
-                        t = np.float32(pj[n]) * (a * fwj[n])
-                        o[n] += np.int64(np.trunc(t + np.copysign(half, t)))
+                        w[n] = o[n]
+                else:
+                    for n in range(N):
+                        w[n] += o[n]
                 if last:
                     for k in range(nbb):
                         s = sc[l, m] - be[k]
                         for i in range(k * Bv, (k + 1) * Bv):
-                            o[i] += _nb_rs(bm[i], s)
+                            w[i] += _nb_rs(bm[i], s)
                     if q.shape[0]:  # the finished row, re-encoded while in cache
-                        _nb_requant_rows(o.reshape((1,) + q.shape[2:]), sc[l, m:m + 1],
+                        _nb_requant_rows(w.reshape((1,) + q.shape[2:]), sc[l, m:m + 1],
                                          q[l, m:m + 1], e[l, m:m + 1], qmax, e_min, e_max, bits)
 
         _SHIFT_SUM = shift_sum
     return _SHIFT_SUM
+
+
+def _int8_segment(B: int, qx: int, qw: int, G: int) -> int:
+    """K-blocks per int32 segment of :func:`_shift_sum`'s accumulator: each block term is at
+    most ``B * qx * qw * 2**G`` in magnitude (``|P| <= B qx qw``, shift ``s >= -G``), so the
+    sum of this many stays within int32; 0 when a single term may not (the accumulator is
+    then int64)."""
+    return ((1 << 31) - 1) // ((B * qx * qw) << G)
 
 
 _PACK = None
@@ -526,7 +558,9 @@ def _blocked_gemm_int8(
     :func:`_int8_torch`), and the compiled pass :func:`_shift_sum` adds ``round_shift(P_j, s)``
     with the shift ``s = sx[m, j] + sw[n, j]`` (``sx = scale - ex - max ew >= -G``,
     ``sw = max ew - ew >= 0``, given as float32 powers of two) for groups of K-blocks of about
-    ``_INT8_GROUP`` products (in cache), then the bias term (and the re-encoding). The chunks
+    ``_INT8_GROUP`` products (in cache), into an int32 accumulator per segment of
+    :func:`_int8_segment` K-blocks (int64 when one term may pass int32), each segment widened
+    into the int64 result rows, then the bias term (and the re-encoding). The chunks
     are shared among :func:`set_threads` threads; torch runs one intra-op thread in each (its
     thread count is restored afterwards).
     """
@@ -553,6 +587,9 @@ def _blocked_gemm_int8(
     nch = -(-M // min(M, rmax))
     R = -(-M // nch)  # rows per chunk, as even as possible
     g = max(1, min(nb, _INT8_GROUP // (R * N)))  # K-blocks per call of the compiled pass
+    seg = _int8_segment(B, x.fmt.qmax, w.fmt.qmax, G)
+    acc_type = np.int32 if seg else np.int64
+    seg = min(seg, nb) if seg else nb  # K-blocks per segment of the accumulator
     sc = np.ascontiguousarray(np.broadcast_to(scale, lead + (M,)).reshape(L, M))
     # (L, nch, nb, R, B): block j of chunk c is one contiguous (R, B) matrix
     xq = np.empty((L, nch, nb, R, B), dtype=np.int8)
@@ -571,17 +608,22 @@ def _blocked_gemm_int8(
             torch.set_num_threads(1)
         p = np.empty((g, R, N), dtype=np.int32)
         tp = torch.from_numpy(p).unbind(0)
-        buf = np.empty((R, N), dtype=np.int64) if out is None else None
+        acc = np.empty((R, N), dtype=acc_type)
+        # the result rows: one scratch row when re-encoded at once from a single segment
+        buf = np.empty((R if seg < nb else 1, N), dtype=np.int64) if out is None else None
         for l, c in part:
             i = (l * nch + c) * nb
             m0 = c * R
             rows = min(R, M - m0)
-            acc = buf if out is None else out[l, m0:m0 + rows]
-            for j0 in range(0, nb, g):
-                k = min(g, nb - j0)
-                for jj in range(k):
-                    int_mm(tx[i + j0 + jj], tw[l * nb + j0 + jj], out=tp[jj])
-                shift_sum(p[:k], rows, acc, l, m0, j0, fx, fw, bm, be, sc, q, e, *fargs)
+            res = buf if out is None else out[l, m0:m0 + rows]
+            for s0 in range(0, nb, seg):
+                s1 = min(s0 + seg, nb)
+                for j0 in range(s0, s1, g):
+                    k = min(g, s1 - j0)
+                    for jj in range(k):
+                        int_mm(tx[i + j0 + jj], tw[l * nb + j0 + jj], out=tp[jj])
+                    shift_sum(p[:k], rows, acc, res, l, m0, j0, s0, s1, fx, fw, bm, be, sc, q, e,
+                              *fargs)
 
     saved = torch.get_num_threads()
     try:

@@ -190,14 +190,23 @@ def test_int8_pass_rounds_every_product_like_round_shift():
     R = p.shape[1]
     z = np.zeros(0, np.int64)
     q0, e0 = np.empty((0, 0, 0, 0), np.int64), np.empty((0, 0, 0), np.int64)
-    acc = np.empty((R, 256), dtype=np.int64)
+    out = np.empty((R, 256), dtype=np.int64)
     for G in (0, 8, 16):
         for sx in sorted({-G, -G + 1, -1, 0, 1, 2, 7, 19, 23, 24, 25, 30}):
             for sw in sorted({0, 1, 5, 21, 22, 23, 24, 25, 24 + G, 24 + G + 1, 70}):
                 fx = np.full((1, R, 1), np.ldexp(np.float32(1), -min(sx, 24)), dtype=np.float32)
                 fw = np.full((1, 1, 256), np.ldexp(np.float32(1), -min(sw, 24 + G)), dtype=np.float32)
-                shift_sum(p, R, acc, 0, 0, 0, fx, fw, z, z, np.zeros((1, R), np.int64), q0, e0, 0, 0, 0, 0)
-                assert np.array_equal(acc.reshape(-1), round_shift_numpy(P, sx + sw)), (G, sx, sw)
+                want = round_shift_numpy(P, sx + sw)
+                # the int64 accumulator; the int32 one where the terms fit it (as the segments
+                # are sized), every other product set to 0
+                small = np.abs(want) < 1 << 31
+                for acc_type, pp in ((np.int64, p), (np.int32, np.where(small, P, 0))):
+                    acc = np.full((R, 256), 99, dtype=acc_type)
+                    shift_sum(pp.astype(np.int32).reshape(1, R, 256), R, acc, out, 0, 0, 0, 0, 1, fx,
+                              fw, z, z, np.zeros((1, R), np.int64), q0, e0, 0, 0, 0, 0)
+                    expect = want if acc_type is np.int64 else np.where(small, want, 0)
+                    assert np.array_equal(out.reshape(-1), expect), (G, sx, sw, acc_type)
+                    assert np.array_equal(acc.reshape(-1), expect), (G, sx, sw, acc_type)
 
 
 @pytest.mark.parametrize("n_terms", [1, 2, 3])
@@ -440,6 +449,28 @@ def test_int8_chunks_groups_and_threads_do_not_change_the_result(monkeypatch, ro
     finally:
         set_threads(before)
         torch.set_num_threads(torch_before)
+
+
+@pytest.mark.parametrize("segment", [0, 1, 2, 3, 16])
+def test_int8_accumulator_segments_do_not_change_the_result(monkeypatch, segment):
+    """The int8 pass sums each segment of K-blocks in int32 (int64 when the segment size is 0)
+    and widens it into the int64 rows: any segment size, with several K-blocks per compiled
+    pass or one, the same integers (matmul and the fused linear)."""
+    from bct.model.blocks import requantize
+
+    cfg = Config()
+    assert matmul_module._int8_segment(32, 127, 127, 8) == 16  # 16 * 32 * 127**2 << 8 < 2**31
+    assert matmul_module._int8_segment(128, 127, 127, 16) == 0
+    rng = np.random.default_rng(60 + segment)
+    x, w, b = _operands(cfg, 30, 7 * 32, 64, rng, spread=3.0)
+    ref = matmul_pyint(x, w, cfg, b)
+    monkeypatch.setattr(matmul_module, "_GEMM_PATH", "int8")
+    monkeypatch.setattr(matmul_module, "_INT8_ROWS", 8)
+    monkeypatch.setattr(matmul_module, "_int8_segment", lambda *a: segment)
+    for group in (1, 2 * 8 * 64, 1 << 16):
+        monkeypatch.setattr(matmul_module, "_INT8_GROUP", group)
+        assert_same(matmul(x, w, cfg, b), ref)
+        assert linear(x, w, cfg, b) == requantize(ref.value, ref.scale, cfg.act_format)
 
 
 def test_path_choice(monkeypatch):
