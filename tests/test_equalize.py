@@ -81,7 +81,7 @@ def test_qk_scale_never_increases_the_encoding_error(weights, both):
 
     before, after = err(lw0), err(lw1)
     assert np.all(after <= before + 1e-12)  # s = 1 is a candidate
-    assert after.sum() < 0.9 * before.sum()  # measured: 0.80 of it on this layer
+    assert after.sum() < 0.9 * before.sum()  # measured: 0.83 of it on this layer
 
 
 def test_ffn_perm_sorts_the_second_matmul_inputs(weights, both):
