@@ -436,11 +436,13 @@ _PACK = None
 
 
 def _pack_left():
-    """The compiled packing of the int8 path's left operand (numba; compiled on first use,
-    cached on disk): ``pack(mant, ex, sc, ewm, xq, fx)`` writes the mantissas ``(L, M, nb, B)``
-    as int8 chunks ``xq[l, c, j] = mant[l, c*R:(c+1)*R, j]`` (``(L, nch, nb, R, B)``, rows past
-    ``M`` zero) and the row factors ``fx[l, m, j] = 2**-min(sc[l, m] - ex[l, m, j] - ewm[l],
-    24)`` in float32 (exact powers of two, see :func:`_shift_sum`)."""
+    """The compiled packing of the int8 path's left operand, one chunk of rows at a time (numba;
+    compiled on first use, cached on disk): ``pack(mant, ex, sc, ewm, l, m0, xq, fx)`` writes
+    the mantissas ``mant[l, m0:m0 + R]`` (``(L, M, nb, B)``) as int8 ``xq[j, r] =
+    mant[l, m0 + r, j]`` (``(nb, R, B)``, rows past ``M`` zero) and those rows' factors
+    ``fx[l, m, j] = 2**-min(sc[l, m] - ex[l, m, j] - ewm[l], 24)`` in float32 (exact powers of
+    two, see :func:`_shift_sum`). Each task of :func:`_blocked_gemm_int8` packs its own chunk
+    just before its GEMMs (in its thread, in cache)."""
     global _PACK
     if _PACK is None:
         import math
@@ -448,27 +450,25 @@ def _pack_left():
         import numba
 
         @numba.njit(nogil=True, cache=True)
-        def pack(mant, ex, sc, ewm, xq, fx):
-            L, M, nb, B = mant.shape
-            nch, R = xq.shape[1], xq.shape[3]
+        def pack(mant, ex, sc, ewm, l, m0, xq, fx):
+            M, nb, B = mant.shape[1:]
+            R = xq.shape[1]
             pw = np.empty(57, dtype=np.float32)  # 2**-s for s = -32..24 (s >= -G >= -16)
             for k in range(57):
                 pw[k] = math.ldexp(1.0, 32 - k)
-            for l in range(L):
-                for c in range(nch):
-                    for j in range(nb):
-                        for r in range(R):
-                            m = c * R + r
-                            o = xq[l, c, j, r]
-                            if m < M:
-                                src = mant[l, m, j]
-                                for i in range(B):
-                                    o[i] = src[i]
-                            else:
-                                o[:] = 0
-                for m in range(M):
-                    for j in range(nb):
-                        fx[l, m, j] = pw[min(max(sc[l, m] - ex[l, m, j] - ewm[l], -32), 24) + 32]
+            for j in range(nb):
+                for r in range(R):
+                    m = m0 + r
+                    o = xq[j, r]
+                    if m < M:
+                        src = mant[l, m, j]
+                        for i in range(B):
+                            o[i] = src[i]
+                    else:
+                        o[:] = 0
+            for m in range(m0, min(m0 + R, M)):
+                for j in range(nb):
+                    fx[l, m, j] = pw[min(max(sc[l, m] - ex[l, m, j] - ewm[l], -32), 24) + 32]
 
         _PACK = pack
     return _PACK
@@ -591,13 +591,11 @@ def _blocked_gemm_int8(
     acc_type = np.int32 if seg else np.int64
     seg = min(seg, nb) if seg else nb  # K-blocks per segment of the accumulator
     sc = np.ascontiguousarray(np.broadcast_to(scale, lead + (M,)).reshape(L, M))
-    # (L, nch, nb, R, B): block j of chunk c is one contiguous (R, B) matrix
-    xq = np.empty((L, nch, nb, R, B), dtype=np.int8)
+    xm = np.ascontiguousarray(x.blocks).reshape(L, M, nb, B)
+    xe = np.ascontiguousarray(x.exp).reshape(L, M, nb)
+    ewm = np.ascontiguousarray(ew_max, dtype=np.int64).reshape(L)
     fx = np.empty((L, M, nb), dtype=np.float32)
-    _pack_left()(np.ascontiguousarray(x.blocks).reshape(L, M, nb, B),
-                 np.ascontiguousarray(x.exp).reshape(L, M, nb), sc,
-                 np.ascontiguousarray(ew_max, dtype=np.int64).reshape(L), xq, fx)
-    tx = torch.from_numpy(xq).view(L * nch * nb, R, B).unbind(0)
+    pack = _pack_left()
     bm, be = _bias_arrays(bias)
     shift_sum = _shift_sum()
     int_mm = torch._int_mm
@@ -608,20 +606,22 @@ def _blocked_gemm_int8(
             torch.set_num_threads(1)
         p = np.empty((g, R, N), dtype=np.int32)
         tp = torch.from_numpy(p).unbind(0)
+        xq = np.empty((nb, R, B), dtype=np.int8)  # the chunk's blocks: contiguous (R, B) each
+        tx = torch.from_numpy(xq).unbind(0)
         acc = np.empty((R, N), dtype=acc_type)
         # the result rows: one scratch row when re-encoded at once from a single segment
         buf = np.empty((R if seg < nb else 1, N), dtype=np.int64) if out is None else None
         for l, c in part:
-            i = (l * nch + c) * nb
             m0 = c * R
             rows = min(R, M - m0)
+            pack(xm, xe, sc, ewm, l, m0, xq, fx)
             res = buf if out is None else out[l, m0:m0 + rows]
             for s0 in range(0, nb, seg):
                 s1 = min(s0 + seg, nb)
                 for j0 in range(s0, s1, g):
                     k = min(g, s1 - j0)
                     for jj in range(k):
-                        int_mm(tx[i + j0 + jj], tw[l * nb + j0 + jj], out=tp[jj])
+                        int_mm(tx[j0 + jj], tw[l * nb + j0 + jj], out=tp[jj])
                     shift_sum(p[:k], rows, acc, res, l, m0, j0, s0, s1, fx, fw, bm, be, sc, q, e,
                               *fargs)
 
