@@ -42,6 +42,7 @@ import numpy as np
 from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode, reblock_transposed, requantize, to_fixed
 from bct.model.checkpoint import BertWeights, Encoding, named_parameters
+from bct.model.equalize import equalize
 from bct.model.fixed import round_div, round_shift
 from bct.model.matmul import Fixed, add, linear, matmul
 from bct.model.nonlinear import gelu, gelu_acc, layernorm, layernorm_wide, softmax, tanh_fixed
@@ -139,6 +140,7 @@ def quantize(weights: BertWeights, cfg: Config) -> QuantBert:
         When a dimension of the model is not a multiple of the block sizes.
     """
     _check_shapes(weights, cfg)
+    weights = equalize(weights, cfg)  # Config.weight_equalize (None: weights unchanged)
     wf, vf = cfg.weight_format, cfg.vector_format
 
     def enc_w(a):  # weight matrices and embedding tables: the config's exponent choice

@@ -103,8 +103,6 @@ def test_qk_scale_needs_blockable_rows(tmp_path):
     assert equalize(tiny, Config(**W4, weight_equalize="ffn_perm")).encoder[0].ffn2_w.shape == (128, 64)
 
 
-@pytest.mark.xfail(strict=True, reason="needs `weights = equalize(weights, cfg)` after the shape check of "
-                   "bct.model.integer.quantize (owned elsewhere)")
 def test_quantize_encodes_the_equalized_checkpoint(weights, both):
     cfg = Config(**W4, weight_equalize="qk_scale+ffn_perm")
     got, want = integer.quantize(weights, cfg), integer.quantize(both, cfg)
