@@ -275,7 +275,7 @@ def requantize(y, scale, fmt: BlockFormat) -> BlockTensor:
     y = np.asarray(y, dtype=np.int64)
     yb = _blocked(y, fmt.block)
     scale = np.asarray(scale, dtype=np.int64)
-    rows, elems, _ = _requantize_kernels()
+    rows, elems = _requantize_kernels()[:2]
     R = int(np.prod(yb.shape[:-2], dtype=np.int64))
     y3 = np.ascontiguousarray(yb).reshape(R, yb.shape[-2], fmt.block)
     q = np.empty(y3.shape, dtype=np.int64)
@@ -302,7 +302,7 @@ def _requantize_kernels():
     the format's range; then one rounding shift (the rule of :func:`bct.model.fixed.round_shift`)
     and saturation to ``+-qmax``. ``shift_rows`` is that shift and saturation alone, one shift
     per block (:func:`to_fixed`)."""
-    global _KERNELS, _nb_bitlen, _nb_rs, _nb_min_shift, _nb_shift_sat
+    global _KERNELS, _nb_bitlen, _nb_rs, _nb_min_shift, _nb_shift_sat, _nb_elems
     if _KERNELS is None:
         import numba
 
@@ -394,7 +394,28 @@ def _requantize_kernels():
                 for i in range(B):
                     out[r, i] = _nb_shift_sat(x[r, i], sh[r], qmax)
 
-        _KERNELS = rows, elems, shift_rows
+        _nb_elems = elems
+
+        @numba.njit(nogil=True, cache=True)
+        def transposed(mant, exp, q, e, qmax, e_min, e_max, bits):
+            # per matrix r and column d: column d of mant[r] (T, D) and its elements' exponents
+            # (blocks of D // exp.shape[2] along D) gathered into one row, then elems
+            stamp  # noqa: B018
+            R, T, D = mant.shape
+            Bi = D // exp.shape[2]
+            nk, Bo = q.shape[2], q.shape[3]
+            y = np.empty((1, nk, Bo), dtype=np.int64)
+            sb = np.empty((1, nk, Bo), dtype=np.int64)
+            yf, sf = y.reshape(T), sb.reshape(T)
+            for r in range(R):
+                for d in range(D):
+                    k = d // Bi
+                    for t in range(T):
+                        yf[t] = mant[r, t, d]
+                        sf[t] = exp[r, t, k]
+                    _nb_elems(y, sb, q[r, d:d + 1], e[r, d:d + 1], qmax, e_min, e_max, bits)
+
+        _KERNELS = rows, elems, shift_rows, transposed
     return _KERNELS
 
 
@@ -427,7 +448,23 @@ def reblock_transposed(t: BlockTensor, fmt: BlockFormat) -> BlockTensor:
     """
     if t.mant.ndim < 2:
         raise ValueError(f"reblock_transposed takes a tensor of 2 or more dimensions, not {t.shape}")
-    return requantize(np.swapaxes(t.mant, -1, -2), np.swapaxes(t.block_exp(), -1, -2), fmt)
+    T, D = t.shape[-2:]
+    if T < 2 or T % fmt.block or t.mant.size == 0:
+        return requantize(np.swapaxes(t.mant, -1, -2), np.swapaxes(t.block_exp(), -1, -2), fmt)
+    # requantize's per-element kernel on each matrix's transpose, gathered in the kernel
+    # (no transposed copies; matrices shared among the set_threads threads)
+    from bct.model.nonlinear import _split_rows  # (imports this module)
+
+    lead = t.shape[:-2]
+    R = int(np.prod(lead, dtype=np.int64))
+    mant = np.ascontiguousarray(t.mant).reshape(R, T, D)
+    exp = np.ascontiguousarray(t.exp).reshape(R, T, -1)
+    q = np.empty((R, D, T // fmt.block, fmt.block), dtype=np.int64)
+    e = np.empty((R, D, T // fmt.block), dtype=np.int64)
+    kernel = _requantize_kernels()[3]
+    args = (fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits)
+    _split_rows(R, T * D, lambda r0, r1: kernel(mant[r0:r1], exp[r0:r1], q[r0:r1], e[r0:r1], *args))
+    return BlockTensor(q.reshape(lead + (D, T)), e.reshape(lead + (D, T // fmt.block)), fmt)
 
 
 def to_fixed(t: BlockTensor, frac: int, bits: int) -> np.ndarray:

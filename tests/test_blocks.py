@@ -172,6 +172,43 @@ def test_reblock_transposed_matches_float_encode_of_the_transpose():
         reblock_transposed(encode(np.ones(32), fmt), fmt)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reblock_transposed_kernel_equals_requantize_numpy_of_the_transpose(monkeypatch, threads):
+    """The compiled transposing pass == requantize_numpy of the swapped axes with every
+    element's exponent: batched (heads) shapes, input blocks narrower and wider than the output
+    blocks, all-zero blocks, +-qmax, exponents at e_min / e_max (gaps past 62 bits), ties of
+    the rounding; and the fallback for a token count that is not a multiple of the block."""
+    from bct.model import matmul as matmul_module
+    from bct.model import nonlinear
+
+    monkeypatch.setattr(nonlinear, "_PAR_MIN", 64)
+    before = matmul_module._THREADS
+    rng = np.random.default_rng(70 + threads)
+    try:
+        matmul_module.set_threads(threads)
+        for fin, fout, shape in ((BlockFormat(8, 32, 8), BlockFormat(8, 32, 8), (2, 3, 64, 32)),
+                                 (BlockFormat(8, 8, 8), BlockFormat(8, 32, 8), (5, 32, 16)),
+                                 (BlockFormat(6, 16, 6), BlockFormat(8, 8, 8), (16, 48)),
+                                 (BlockFormat(16, 8, 8), BlockFormat(4, 8, 5), (3, 8, 24))):
+            mant = rng.integers(-fin.qmax, fin.qmax + 1, shape)
+            nk = shape[-1] // fin.block
+            exp = rng.integers(fin.e_min, fin.e_max + 1, shape[:-1] + (nk,))
+            mant[..., 0, :fin.block] = 0  # an all-zero input block
+            mant[..., 1, :] = fin.qmax
+            mant[..., 2, ::2] = -fin.qmax
+            mant[..., 3, :] = rng.choice([1, -1, 3, -3], shape[-1])  # ties after small shifts
+            exp[..., 1, 0], exp[..., 2, -1] = fin.e_min, fin.e_max
+            exp[..., 4:6, :] = fout.e_max + 3  # saturating exponents
+            t = BlockTensor(mant, exp, fin)
+            want = requantize_numpy(np.swapaxes(mant, -1, -2), np.swapaxes(t.block_exp(), -1, -2), fout)
+            assert reblock_transposed(t, fout) == want
+        odd = encode(rng.standard_normal((20, 32)), BlockFormat(8, 32, 8))  # 20 tokens: fallback
+        with pytest.raises(ConfigError, match="not a multiple of block size"):
+            reblock_transposed(odd, BlockFormat(8, 32, 8))
+    finally:
+        matmul_module.set_threads(before)
+
+
 def test_huge_scales_saturate_instead_of_wrapping():
     fmt = Config().act_format
     y = np.array([[3, -1] + [0] * (fmt.block - 2)])
