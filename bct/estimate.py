@@ -33,6 +33,7 @@ LUT_PER_BIT = {
     "acc": 0.9,      # per accumulator bit (adder carry logic outside the carry cells)
     "drain": 0.9,    # per drain bit: load / shift-up multiplexer
     "prod": 0.9,     # per block-product bit: the first-beat multiplexer
+    "chain": 0.9,    # per readout-chain bit: load / shift multiplexer
 }
 
 #: LUTs of a family relative to ECP5 for the same logic (iCE40 has no wide-multiplexer cells;
@@ -41,10 +42,10 @@ LUT_SCALE = {"ecp5": 1.0, "nexus": 1.0, "ice40": 1.85, "ice40-nodsp": 1.85, "xc7
 MUL_LUT_PER_BIT2 = 2.8
 
 
-def _timing() -> tuple[int, int]:
-    """``(latency, admit_gap)`` of :class:`bct.hw.matmul.MatmulArray`."""
+def _timing(cfg: Config) -> tuple[int, int]:
+    """``(latency, admit_gap)`` of :class:`bct.hw.matmul.MatmulArray` for ``cfg``."""
     from bct.hw.matmul import MatmulArray
-    return MatmulArray.latency, MatmulArray.admit_gap
+    return MatmulArray.timing(cfg)
 
 
 def matmul_run_cycles(cfg: Config, tiles: int, K: int) -> int:
@@ -70,7 +71,7 @@ def matmul_run_cycles(cfg: Config, tiles: int, K: int) -> int:
         raise ValueError(f"tiles and K must be positive, not {tiles}, {K}")
     R, B = cfg.array_rows, cfg.block_size
     Kp = -(-K // B) * B
-    latency, gap = _timing()
+    latency, gap = _timing(cfg)
     return Kp + (tiles - 1) * max(Kp, R + gap) + latency + R - 1
 
 
@@ -196,19 +197,28 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
     ff_in = R * (a + sb) + 1 + C * (op + sb) + 3 + (cfg.block_size - 1).bit_length()
     ff_in += R * sb + 1 + C * sb + 3  # stage 0: the shift fields and flags move on
     # per PE: its copies of the two operands, operands and product (inside the DSP block when
-    # there is one), the product's fabric copy, its copies of the two shift fields, block product, total shift and the
-    # shift stages' two copies of it, the four rounding-shift stages, accumulator, drain
-    # register
+    # there is one), the product's fabric copy, its copy of the row's activation shift, block
+    # product, readout chain (block product and activation shift), accumulator (a ring
+    # register), drain register
     ff_mul = 2 * (a + op) + (0 if dsp else (a + op) + (a + op))
-    ff_pe = ff_mul + 2 * sb + bp + 3 * ub + 4 * W + acc + acc
-    ff_ctl = 2 * ((R + C) * sb + 4) + 17
+    ff_pe = ff_mul + sb + bp + bp + sb + acc + acc
+    # per row segment and column (MatmulArray.segments): the column's weight shift (copy and
+    # latch), the shifter's four stages, two copies of the coarse amount, the fine amount and
+    # its two copies, the ring's clear flag
+    segs = MatmulArray.segments(cfg)
+    S = max(n for _, n in segs)
+    ff_seg = 2 * sb + 4 * W + 2 * (ub - 3) + 3 + 2 * 3 + 1
+    ff_ctl = 2 * ((R + C) * sb + 4) + 7
+    # block-end delay lines (bl, fl, tl), the next-block-first flag, the ring windows
+    ff_ctl += max(4, 2 + S) + 4 + (5 + S) + 1 + len({n for _, n in segs})
     # fan-out copies: five PE flags (a copy per row, then per PE), pop (per PE of the rows
-    # that shift) and the drain control state it comes from (per shifting row), the output
+    # that shift) and the drain control state it comes from with its copies of xfer, finish
+    # and the returned credit (per shifting row), the output
     # FIFO's write enable, addresses and level != 0 flag (per column), the bias holding
     # register's enable and load copies (per column, plus one for the row shifts)
     depth = MatmulArray.output_depth(cfg)  # output FIFO rows
     state = 4 + (R - 1).bit_length() + depth.bit_length()  # full, bias_full, zero, one, row, credits
-    ff_ctl += (5 * (R + pes) + (R - 1) * (C + state)
+    ff_ctl += (5 * (R + pes) + (R - 1) * (C + state + 3)
                + C * (2 + 2 * (depth - 1).bit_length()) + 2 * (C + 1) + 3)
     bt = vb + G + 2  # the stored bias (qb << G+1) - (qb < 0)
     ff_out = (C * (vb + bsb) + R * bsb                              # bias holding register
@@ -216,13 +226,16 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
               + C * (acc + bt + (2 * bias_shift_max).bit_length())  # o1
               + C * (acc + bt + 3) + 2 * C * (acc + bt)             # o2, o3, o4
               + C * acc + 16)                                       # write data, control
-    ff = ff_in + pes * ff_pe + ff_ctl + ff_out
+    ff = ff_in + pes * ff_pe + len(segs) * C * ff_seg + ff_ctl + ff_out
     levels_coarse = max(ub - 3, 0)
-    lut_pe = (LUT_PER_BIT["shift"] * W * (levels_coarse + 3)
-              + LUT_PER_BIT["acc"] * acc + LUT_PER_BIT["drain"] * acc
-              + LUT_PER_BIT["prod"] * bp)
+    # per PE: the block product's first-beat multiplexer, the readout chain's load / shift
+    # multiplexers, the drain's; per segment and column: the shifter, the ring's adder
+    lut_pe = (LUT_PER_BIT["prod"] * bp + LUT_PER_BIT["chain"] * (bp + sb)
+              + LUT_PER_BIT["drain"] * acc)
+    lut_seg = LUT_PER_BIT["shift"] * W * (levels_coarse + 3) + LUT_PER_BIT["acc"] * acc
     mul_luts = 0 if dsp else MUL_LUT_PER_BIT2 * pes * a * op
-    lut = LUT_SCALE[family] * (pes * lut_pe + C * (vb + G) * bsb) + mul_luts
+    lut = LUT_SCALE[family] * (pes * lut_pe + len(segs) * C * lut_seg
+                               + C * (vb + G) * bsb) + mul_luts
     if family.startswith("ice40"):  # no LUT RAM: the output FIFO is registers
         ff += depth * C * acc
     if family == "xc7":

@@ -114,14 +114,14 @@ def _units(cfg: Config, opt: GenOptions) -> dict:
     blk = {"latency_cycles": Blockifier.latency, "throughput": "1 block per cycle"}
     ln_period = max(ln.beats, ln.row_cycles)
     array = MatmulArray(cfg)
-    mm_latency = MatmulArray.latency
+    mm_latency = array.latency
     return {
         "bct_matmul": (array, {
             "latency_cycles": mm_latency,
             "latency": f"first output row {mm_latency} cycles after a tile's last act/weight "
                        "beat; the last row R - 1 cycles later",
             "throughput": f"one K-element (R x C MACs) per cycle; PE utilisation K / max(K, R + "
-                          f"{MatmulArray.admit_gap}) on back-to-back tiles",
+                          f"{array.admit_gap}) on back-to-back tiles",
             "parameters": {"rows": cfg.array_rows, "cols": cfg.array_cols},
         }, base),
         "bct_blockify_acc": (Blockifier(cfg, cfg.acc_bits, _acc_scale_bits(cfg), cfg.act_format),

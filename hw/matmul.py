@@ -3,8 +3,12 @@
 :class:`MatmulArray` computes one ``R x C`` output tile ``acc[m0:m0+R, n0:n0+C]`` of
 :func:`bct.model.matmul.matmul` over the whole reduction K, bit for bit. Each PE ``(r, c)`` owns
 one output: per cycle it multiplies one activation ``qx[m0+r, k]`` by one operand
-``qw[n0+c, k]`` into the block product ``P`` (``Config.block_product_bits``); at the end of every
-K-block it adds ``round_shift(P, dx[m] + dw[n])`` into its accumulator (``Config.acc_bits``).
+``qw[n0+c, k]`` into the block product ``P`` (``Config.block_product_bits``). At the end of every
+K-block, ``round_shift(P, dx[m] + dw[n])`` is added into the PE's accumulator
+(``Config.acc_bits``) by a rounding shifter that a segment of up to ``B`` rows of a column
+shares: the block products leave the segment one row per cycle through a readout chain, and
+the segment's accumulators turn as a ring through the shifter's adder (the shifter is used
+once per block, so one per PE would idle ``B - 1`` cycles in ``B``).
 The bias term is added per output row while the finished tile drains, one row of ``C``
 accumulators per beat, overlapped with the next tile's computation (docs/hardware.md,
 "Matmul array").
@@ -119,13 +123,11 @@ class MatmulArray(wiring.Component):
     accumulators, rows in order, equal to ``matmul(x, w, cfg, bias).value`` of the tile.
     ``K`` must be a multiple of ``B = cfg.block_size``. Tiles follow each other back to back.
 
-    Latency: the first row of a tile is valid :attr:`latency` (17) cycles after the transfer of
-    its last beat (input register, per-PE operand copies, operand and product registers, a
-    fabric copy of the product, block accumulate, four
-    rounding-shift stages, accumulate, five output stages, FIFO); every stage is register to
-    register (the measured Fmax is in docs/synthesis.md). Back-to-back tiles of reduction ``K``
-    keep every PE busy on every cycle when ``K >= R`` (the drain of ``R`` rows hides under the
-    next tile); in general the steady-state utilisation is ``K / max(K, R)``. The output
+    Latency: the first row of a tile is valid :attr:`latency` (``17 + S``, :meth:`timing`)
+    cycles after the transfer of its last beat; every stage is register to register (the
+    measured Fmax is in docs/synthesis.md). Back-to-back tiles of reduction ``K`` keep every PE
+    busy on every cycle when ``K >= R + admit_gap`` (the drain of ``R`` rows hides under the
+    next tile); in general the steady-state utilisation is ``K / max(K, R + admit_gap)``. The output
     side runs on credits (:attr:`out_depth` rows in flight behind the drain registers), so
     ``out.ready`` never reaches the array's pipeline enable.
 
@@ -160,6 +162,9 @@ class MatmulArray(wiring.Component):
         #: registers (credits): a row's credit is back 8 cycles after it left, so 10 keep one
         #: row per cycle flowing, and R let a whole tile drain at once.
         self.out_depth = self.output_depth(cfg)
+        #: First-row latency and the minimum spacing of tiles' last beats beyond ``R``
+        #: (:meth:`timing`).
+        self.latency, self.admit_gap = self.timing(cfg)
         R, C = cfg.array_rows, cfg.array_cols
         operand_bits = max(cfg.weight_format.bits, cfg.act_format.bits)
         super().__init__({
@@ -193,19 +198,35 @@ class MatmulArray(wiring.Component):
         G = cfg.acc_guard_bits
         return cfg.block_product_bits + G, cfg.vector_format.bits + G
 
-    #: Register stages from the last ``act``/``weight`` transfer of a tile to its first output
-    #: row: input, per-PE operand copies, operands, product, product copy in the fabric, block
-    #: accumulate, rounding shift (operand, coarse, fine,
-    #: round), accumulate (and drain copy), bias shift amount, coarse, fine and rounded bias
-    #: term, sum, output FIFO.
-    latency = 17
+    @staticmethod
+    def segments(cfg: Config) -> list[tuple[int, int]]:
+        """Row segments ``(first row, rows)`` that share one rounding shifter and accumulator
+        ring per column: ``ceil(R / B)`` segments of ``n <= B`` rows, as equal as possible
+        (earlier segments one row longer), so each is read out before the next block ends."""
+        R, B = cfg.array_rows, cfg.block_size
+        count = -(-R // B)
+        sizes = [R // count + (k < R % count) for k in range(count)]
+        return [(sum(sizes[:k]), n) for k, n in enumerate(sizes)]
 
-    #: Cycles from admitting a tile's last beat until the drain registers can take another
-    #: finish, minus ``R`` (its ``R`` rows pop one per cycle): 10 to the accumulators, 1 to
-    #: the first pop. Tiles' last beats are thus at least ``R + admit_gap`` cycles apart
-    #: (``bct.estimate.matmul_run_cycles``), which only binds when ``K < R + admit_gap``.
-    admit_gap = 11
+    @classmethod
+    def timing(cls, cfg: Config) -> tuple[int, int]:
+        """``(latency, admit_gap)`` of the array for ``cfg`` (:attr:`latency`, :attr:`admit_gap`).
 
+        ``latency``: register stages from the last ``act``/``weight`` transfer of a tile to its
+        first output row, ``17 + S`` with ``S`` the longest row segment (:meth:`segments`):
+        input, per-PE operand copies, operands, product, product copy in the fabric, block
+        accumulate (into the readout chain), ``S`` readout steps, the shifter's four stages
+        (operand, coarse, fine, round), the last ring step, the drain load, bias shift
+        amount, coarse, fine and rounded bias term, sum, output FIFO.
+
+        ``admit_gap``: cycles from admitting a tile's last beat until the drain registers can
+        take another finish, minus ``R`` (its ``R`` rows pop one per cycle): ``10 + S`` to
+        the drain registers, 1 to the first pop. Tiles' last beats are thus at least
+        ``R + admit_gap`` cycles apart (``bct.estimate.matmul_run_cycles``), which only
+        binds when ``K < R + admit_gap``.
+        """
+        S = max(n for _, n in cls.segments(cfg))
+        return 17 + S, 11 + S
 
     def elaborate(self, platform):
         m = Module()
@@ -318,79 +339,128 @@ class MatmulArray(wiring.Component):
         m.d.sync += s1_block_last.eq(sd_block_last)
         with m.If(sd_valid):
             m.d.sync += s1_last.eq(sd_last)
-        # Stage 1's shift fields as per-PE copies (the row's activation shift and the column's
-        # weight shift), so each PE's shift adder reads flip-flops of its own. sd_* load under
-        # sm_valid, which sd_valid copies, so a plain copy equals a copy under sd_valid.
+        # Stage 1's shift fields as copies: the row's activation shift per PE, the column's
+        # weight shift per segment and column, read when the block product is complete.
+        # sd_* load under sm_valid, which sd_valid copies, so a plain copy equals a copy
+        # under sd_valid.
         s1_ashift = [[Signal.like(sd_ashift[r], name=f"ash_{r}_{c}", reset_less=True,
                                   attrs=replica) for c in range(C)] for r in range(R)]
-        s1_wshift = [[Signal.like(sd_wshift[c], name=f"wsh_{r}_{c}", reset_less=True,
-                                  attrs=replica) for c in range(C)] for r in range(R)]
         m.d.sync += [s1_ashift[r][c].eq(sd_ashift[r]) for r in range(R) for c in range(C)]
-        m.d.sync += [s1_wshift[r][c].eq(sd_wshift[c]) for r in range(R) for c in range(C)]
+        segs = self.segments(cfg)
+        s1_wshift = {r0: [Signal.like(sd_wshift[c], name=f"wsh_{r0}_{c}", reset_less=True,
+                                      attrs=replica) for c in range(C)] for r0, _ in segs}
+        m.d.sync += [x.eq(sd_wshift[c]) for row in s1_wshift.values() for c, x in enumerate(row)]
 
-        # Stage 2: accumulate the block product P; at the block's end, each PE's total shift.
+        # Block-end pulses (``t_L``: the cycle at which muld holds a block's last product) and
+        # their delay lines: ``bl`` every block end, ``fl`` the first block of a tile, ``tl``
+        # the last one. The segments' windows and the drain load are taps of these lines.
+        S = max(n for _, n in segs)
+        tile_first = Signal(init=1)  # the next block to end is a tile's first
+        with m.If(s1_block_last):
+            m.d.sync += tile_first.eq(s1_last)
+
+        def delay_line(pulse, name, length):
+            line = [pulse]
+            for k in range(1, length + 1):
+                line.append(Signal(name=f"{name}{k}"))
+                m.d.sync += line[k].eq(line[k - 1])
+            return line
+
+        bl = delay_line(s1_block_last, "bl", max(4, 2 + S))
+        fl = delay_line(s1_block_last & tile_first, "fl", 4)
+        tl = delay_line(s1_block_last & s1_last, "tl", 5 + S)
+
+        # Stage 2: accumulate the block product P in each PE; at the block's end the finished
+        # P and its row's activation shift load into the segment's readout chain (q, qa).
         W = cfg.block_product_bits + G + 1  # width of (P << G+1) - (P < 0)
-        prod = [[Signal(signed(cfg.block_product_bits), name=f"p_{r}_{c}", reset_less=True)
-                 for c in range(C)] for r in range(R)]
-        ushift = [[Signal(range(2 * self.shift_max + 1), name=f"u_{r}_{c}", reset_less=True)
-                   for c in range(C)] for r in range(R)]
-        s2_done, s2_last = Signal(), Signal()  # prod holds a finished K-block
-        m.d.sync += s2_done.eq(s1_block_last)
+        PB = cfg.block_product_bits
+        prod = [[Signal(signed(PB), name=f"p_{r}_{c}", reset_less=True) for c in range(C)]
+                for r in range(R)]
         sm_first = Signal()
         m.d.sync += sm_first.eq(s0_first)
         first_pe = spread(sm_first, "first")  # the block's first product is in muld
-        block_last_pe = spread(sm_block_last, "blast")  # = s1_block_last, per PE
+        block_last_pe = spread(sm_block_last, "blast")  # = s1_block_last (t_L), per PE
+        # A segment of rows shares one rounding shifter per column (docs/hardware.md, "Matmul
+        # array"): at t_L every PE of the segment loads its P into the chain q (its row's
+        # activation shift into qa, the column's weight shift into wl), and the chain shifts
+        # one row per cycle into the shifter (row r0 first): a segment of n <= B rows is
+        # read out in n cycles, before the next block ends.
+        q = [[Signal(signed(PB), name=f"q_{r}_{c}", reset_less=True) for c in range(C)]
+             for r in range(R)]
+        qa = [[Signal.like(sd_ashift[r], name=f"qa_{r}_{c}", reset_less=True) for c in range(C)]
+              for r in range(R)]
         for r in range(R):
             for c in range(C):
-                m.d.sync += prod[r][c].eq(Mux(first_pe[r][c], 0, prod[r][c]) + muld[r][c])
-                with m.If(block_last_pe[r][c]):
-                    m.d.sync += ushift[r][c].eq(s1_ashift[r][c] + s1_wshift[r][c])
-        with m.If(s1_block_last):
-            m.d.sync += s2_last.eq(s1_last)
+                total = Mux(first_pe[r][c], 0, prod[r][c]) + muld[r][c]
+                m.d.sync += prod[r][c].eq(total)
+                last_row = any(r == r0 + n - 1 for r0, n in segs)
+                nq = 0 if last_row else q[r + 1][c]
+                na = 0 if last_row else qa[r + 1][c]
+                m.d.sync += [q[r][c].eq(Mux(block_last_pe[r][c], total, nq)),
+                             qa[r][c].eq(Mux(block_last_pe[r][c], s1_ashift[r][c], na))]
 
-        # Stages 3a, 3b, 3 and 4: round_shift(P << G, u) = (((P << G+1) - (P < 0)) >>> u) + 1)
-        # >>> 1 (round_shift_hw): the operand, the arithmetic shift by u & ~7, by u & 7, the
-        # rounding. (u is read through copies: it changes only at the next block's end, B >= 8
-        # beats later.) One stage each, so that no path holds more than a carry chain or a 3-level
-        # multiplexer. The data registers have no enable (each copies its predecessor every
-        # cycle; only the done flags, a parallel delay line, say when they hold a block).
-        def regs(prefix):
-            return [[Signal(signed(W), name=f"{prefix}_{r}_{c}", reset_less=True) for c in range(C)]
-                    for r in range(R)]
-        opnd, coarse, fined, term = regs("so"), regs("sc"), regs("sf"), regs("t")
-        sa_done, sa_last, sb_done, sb_last = Signal(), Signal(), Signal(), Signal()
-        s3_done, s3_last, s4_done, s4_last = Signal(), Signal(), Signal(), Signal()
-        m.d.sync += [sa_done.eq(s2_done), sb_done.eq(sa_done), s3_done.eq(sb_done)]
-        with m.If(s2_done):
-            m.d.sync += sa_last.eq(s2_last)
-        with m.If(sa_done):
-            m.d.sync += sb_last.eq(sa_last)
-        with m.If(sb_done):
-            m.d.sync += s3_last.eq(sb_last)
-        # Each shift stage reads two copies of its part of u (copied a cycle after u loads,
-        # still a block ahead of the next load), each driving the multiplexers of half the
-        # stage's bits: u itself drove every multiplexer of both stages (about 3 W loads).
+        # Stages 3a, 3b, 3 and 4, once per segment and column, one row per cycle:
+        # round_shift(P << G, u) = (((P << G+1) - (P < 0)) >>> u) + 1) >>> 1 (round_shift_hw):
+        # the operand and u = qa + wl, the arithmetic shift by u & ~7, by u & 7, the rounding.
+        # Each shift stage's amount has two copies, each driving the multiplexers of half the
+        # stage's bits. Stage 5: the segment's accumulators form a ring that turns once per
+        # block (``rot``, n cycles): the head row's accumulator plus its term enters at the
+        # tail, so after n steps every row is back in place; the first block of a tile adds
+        # to 0 instead (``clr``), so the accumulators need no reset.
+        acc = [[Signal(signed(cfg.acc_bits), name=f"acc_{r}_{c}", reset_less=True)
+                for c in range(C)] for r in range(R)]
         h = W // 2
-        ub = len(ushift[0][0])
+        ub = (2 * self.shift_max).bit_length()
         C0 = Const(0, 3)
-        for r in range(R):
+        rot_src = {}
+        for n in sorted({n for _, n in segs}):
+            # t_L + 3 .. t_L + 2 + n (the ring steps at t_L + 5 .. t_L + 4 + n)
+            rot_src[n] = Signal(name=f"rot_src{n}")
+            m.d.sync += rot_src[n].eq(bl[2] | (rot_src[n] & ~bl[2 + n]))
+        rot_pe = [[None] * C for _ in range(R)]  # per PE: its segment's rot_src, 2 cycles on
+        for r0, n in segs:
+            for r in range(r0, r0 + n):
+                row = Signal(name=f"rot_r{r}", attrs=replica)
+                m.d.sync += row.eq(rot_src[n])
+                for c in range(C):
+                    rot_pe[r][c] = Signal(name=f"rot_{r}_{c}", attrs=replica)
+                    m.d.sync += rot_pe[r][c].eq(row)
+        for k, (r0, n) in enumerate(segs):
             for c in range(C):
-                p, u = prod[r][c], ushift[r][c]
-                uc = [Signal(ub - 3, name=f"uc{k}_{r}_{c}", reset_less=True, attrs=replica)
-                      for k in range(2)]
-                uf = [Signal(3, name=f"uf{k}_{r}_{c}", reset_less=True, attrs=replica)
-                      for k in range(2)]
-                m.d.sync += [*[x.eq(u[3:]) for x in uc], *[x.eq(u[:3]) for x in uf]]
-                m.d.sync += [opnd[r][c].eq((p << (G + 1)) - (p < 0)),
-                             coarse[r][c][:h].eq((opnd[r][c] >> Cat(C0, uc[0]))[:h]),
-                             coarse[r][c][h:].eq((opnd[r][c] >> Cat(C0, uc[1]))[h:]),
-                             fined[r][c][:h].eq((coarse[r][c] >> uf[0])[:h]),
-                             fined[r][c][h:].eq((coarse[r][c] >> uf[1])[h:]),
-                             term[r][c].eq((fined[r][c] + 1) >> 1)]
+                wl = Signal.like(sd_wshift[c], name=f"wl_{k}_{c}", reset_less=True)
+                with m.If(block_last_pe[r0][c]):
+                    m.d.sync += wl.eq(s1_wshift[r0][c])
+                opnd = Signal(signed(W), name=f"so_{k}_{c}", reset_less=True)
+                uc = [Signal(ub - 3, name=f"uc{i}_{k}_{c}", reset_less=True, attrs=replica)
+                      for i in range(2)]
+                uf = [Signal(3, name=f"uf{i}_{k}_{c}", reset_less=True, attrs=replica)
+                      for i in range(2)]
+                coarse = Signal(signed(W), name=f"sc_{k}_{c}", reset_less=True)
+                fined = Signal(signed(W), name=f"sf_{k}_{c}", reset_less=True)
+                term = Signal(signed(W), name=f"t_{k}_{c}", reset_less=True)
+                p, u = q[r0][c], qa[r0][c] + wl
+                m.d.sync += [opnd.eq((p << (G + 1)) - (p < 0)),
+                             *[x.eq(u[3:]) for x in uc],
+                             coarse[:h].eq((opnd >> Cat(C0, uc[0]))[:h]),
+                             coarse[h:].eq((opnd >> Cat(C0, uc[1]))[h:]),
+                             fined[:h].eq((coarse >> uf[0])[:h]),
+                             fined[h:].eq((coarse >> uf[1])[h:]),
+                             term.eq((fined + 1) >> 1)]
+                # the fine shift amount of the row now in the coarse stage
+                uf_in = Signal(3, name=f"ufi_{k}_{c}", reset_less=True)
+                m.d.sync += [uf_in.eq(u[:3]), *[x.eq(uf_in) for x in uf]]
+                clr = Signal(name=f"clr_{k}_{c}", attrs=replica)
+                with m.If(bl[4]):
+                    m.d.sync += clr.eq(fl[4])
+                rows = range(r0, r0 + n)
+                rot = [rot_pe[r][c] for r in rows]
+                with m.If(rot[-1]):
+                    m.d.sync += acc[r0 + n - 1][c].eq(Mux(clr, 0, acc[r0][c]) + term)
+                for i in range(n - 1):
+                    with m.If(rot[i]):
+                        m.d.sync += acc[r0 + i][c].eq(acc[r0 + i + 1][c])
 
-        # Stage 5: accumulate; a finished tile is copied into the drain registers.
-        acc = [[Signal(signed(cfg.acc_bits), name=f"acc_{r}_{c}") for c in range(C)]
-               for r in range(R)]
+        # A finished tile is copied from the accumulators into the drain registers.
         drain = [[Signal(signed(cfg.acc_bits), name=f"drain_{r}_{c}", reset_less=True)
                   for c in range(C)] for r in range(R)]
         # the bias as the shifters take it: (qb << G+1) - (qb < 0) (round_shift_hw's operand)
@@ -419,13 +489,12 @@ class MatmulArray(wiring.Component):
         pop = Signal()
         pop_pe = [[Signal(name=f"pop_{r}_{c}", attrs=replica) for c in range(C)]
                   for r in range(R - 1)]
-        finish = s4_done & s4_last
+        finish = tl[5 + S]  # the drain registers load now
         depth = self.out_depth
         level = Signal(range(depth + 1))  # rows in the output FIFO
         back = self.out.valid & self.out.ready  # a row leaves the FIFO: its credit returns
         back_r = Signal()
         accept = self.bias.valid & ~bin_full
-        s4_last_n = Mux(s3_done, s3_last, s4_last)
 
         def control(tag, attrs, full_=None):
             """One copy of the drain state; returns its ``full`` register and the next
@@ -435,6 +504,12 @@ class MatmulArray(wiring.Component):
             flags of credits; the candidates credits - 1, + 1 and their tests come from
             registers, pop_c only selects among them)."""
             full_ = Signal(name=f"full{tag}", attrs=attrs) if full_ is None else full_
+            if attrs:  # a row's copy: its own copies of the shared control inputs
+                xfer_d_, finish_, back_r_ = (Signal(name=f"{n}{tag}", attrs=attrs)
+                                             for n in ("xfer_d", "finish", "back_r"))
+                m.d.sync += [xfer_d_.eq(xfer), finish_.eq(tl[4 + S]), back_r_.eq(back)]
+            else:
+                xfer_d_, finish_, back_r_ = xfer_d, finish, back_r
             bias_full_ = Signal(name=f"bias_full{tag}", attrs=attrs)
             row = Signal(range(R), name=f"row{tag}", attrs=attrs)
             credits = Signal(range(depth + 1), init=depth, name=f"credits{tag}", attrs=attrs)
@@ -442,14 +517,14 @@ class MatmulArray(wiring.Component):
             one = Signal(init=depth == 1, name=f"one{tag}", attrs=attrs)
             pop_c = full_ & bias_full_ & ~zero
             pop_last_c = pop_c & (row == R - 1)
-            full_n = Mux(finish, 1, Mux(pop_last_c, 0, full_))  # (admission: never both)
-            bias_full_n = Mux(xfer_d, 1, Mux(pop_last_c, 0, bias_full_))
+            full_n = Mux(finish_, 1, Mux(pop_last_c, 0, full_))  # (admission: never both)
+            bias_full_n = Mux(xfer_d_, 1, Mux(pop_last_c, 0, bias_full_))
             row_n = Mux(pop_c, Mux(row == R - 1, 0, row + 1), row)
-            dec, inc = pop_c & ~back_r, back_r & ~pop_c
+            dec, inc = pop_c & ~back_r_, back_r_ & ~pop_c
             credits_n = Mux(dec, credits - 1, Mux(inc, credits + 1, credits))
             zero_n = Mux(dec, credits == 1, Mux(inc, 0, credits == 0))
             one_n = Mux(dec, credits == 2, Mux(inc, credits == 0, credits == 1))
-            credits_nz = ~((zero | (one & pop_c)) & ~back_r)
+            credits_nz = ~((zero | (one & pop_c)) & ~back_r_)
             pop_n = full_n & bias_full_n & credits_nz
             m.d.sync += [full_.eq(full_n), bias_full_.eq(bias_full_n), row.eq(row_n),
                          credits.eq(credits_n), zero.eq(zero_n), one.eq(one_n)]
@@ -466,23 +541,17 @@ class MatmulArray(wiring.Component):
         xfer_n = bin_full_n & (~bias_full_n | pop_last_n)
         m.d.sync += [bin_full.eq(bin_full_n), *[f.eq(~bin_full_n) for f in bin_free_c],
                      xfer.eq(xfer_n), xfer_d.eq(xfer), *[x.eq(xfer) for x in xfer_c]]
-        m.d.sync += [back_r.eq(back), s4_done.eq(s3_done), s4_last.eq(s4_last_n),
-                     pop.eq(pop_n),
+        m.d.sync += [back_r.eq(back), pop.eq(pop_n),
                      inflight.eq(Mux(take & self.act.payload.last, 1,
                                      Mux(finish, 0, inflight)))]
 
-        # The accumulators restart from 0 after the tile's last block (a synchronous reset of
-        # the register, no multiplexer in front of the adder). Per-PE flags: ``add`` = s4_done,
-        # ``fin`` = s4_done & s4_last (from stage 3b, two cycles earlier).
-        add_pe = spread(sb_done, "add")
-        fin_pe = spread(sb_done & sb_last, "fin")
+        # The drain registers load a cycle after the last ring step of a tile's last block
+        # (``fin``, per PE).
+        fin_pe = spread(tl[3 + S], "fin")
         for r in range(R):
             for c in range(C):
-                total = acc[r][c] + term[r][c]
-                with m.If(add_pe[r][c]):
-                    m.d.sync += acc[r][c].eq(Mux(fin_pe[r][c], 0, total))
                 with m.If(fin_pe[r][c]):
-                    m.d.sync += drain[r][c].eq(total)
+                    m.d.sync += drain[r][c].eq(acc[r][c])
 
         # Drain: rows leave from row 0 (the registers shift up) into the output pipeline:
         # o1 (total bias shift per column), o2 (the aligned bias term), o3 (the sum), then

@@ -60,7 +60,9 @@ def _matmul(cfg: Config, rng, quick: bool):
 
     array = MatmulArray(cfg)
     R, C, B = cfg.array_rows, cfg.array_cols, cfg.block_size
-    K = (2 if quick else 12) * B  # 12 B = 384 at B = 32: MiniLM's hidden size
+    # quick: 4 B, at least R + admit_gap for the small arrays (every PE busy on every cycle);
+    # 12 B = 384 at B = 32: MiniLM's hidden size
+    K = (4 if quick else 12) * B
     M, N = 2 * R, math.lcm(2 * C, B)  # the bias is blocked along N
     x = encode(rng.standard_normal((M, K)), cfg.act_format)
     w = encode(rng.standard_normal((N, K)) * 0.05, cfg.weight_format)

@@ -19,18 +19,19 @@ MATMUL_CFG = Config(array_rows=4, array_cols=4, block_size=8, max_reduction=512)
 
 
 def test_matmul_utilisation_back_to_back():
-    """Four 4x4 tiles of K = 16 back to back: every PE busy on every input cycle; the whole
-    run takes ``T K + latency + R - 1`` cycles (fill and drain)."""
+    """Four 4x4 tiles of K = 32 (>= R + admit_gap) back to back: every PE busy on every input
+    cycle; the whole run takes ``T K + latency + R - 1`` cycles (fill and drain)."""
     from bct.hw.matmul import MatmulArray
 
-    latency = getattr(MatmulArray, "latency", 3)
+    latency, gap = MatmulArray.timing(MATMUL_CFG)
+    assert 32 >= 4 + gap
     r = bench_sim(MATMUL_CFG, seed=1, units=("matmul",), quick=True)
     u = r["units"]["matmul"]
     assert r["config_hash"] == MATMUL_CFG.hash
-    assert (u["tiles"], u["K"], u["pes"]) == (4, 16, 16)
+    assert (u["tiles"], u["K"], u["pes"]) == (4, 32, 16)
     assert u["bit_exact"] and u["utilisation"] == 1.0
     assert r["mac_utilisation"] == 1.0 and r["mac_utilisation_ok"]
-    assert u["simulated_cycles"] == 4 * 16 + latency + 4 - 1
+    assert u["simulated_cycles"] == 4 * 32 + latency + 4 - 1
     assert u["phases"][0]["first_row_latency_cycles"] == latency
     assert u["phases"][0]["macs_per_cycle"] == 16.0
     assert u["cycles_per_wall_second"] > 0
