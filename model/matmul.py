@@ -342,7 +342,8 @@ def _shift_sum():
     first when ``j0 == s0``, the first block of the segment ``[s0, s1)``). The shift
     ``s = sx[l, m, j] + sw[l, j, n]`` comes as the float32 factors
     ``fx[l, m, j] = 2**-min(sx, 24)`` and ``fw[l, j, n] = 2**-min(sw, 24 + G)``, and each term
-    is computed as ``trunc(t + copysign(1/2, t))`` with ``t = p * (fx * fw)`` in float32: the
+    is computed as ``trunc(t + copysign(1/2, t))`` with ``t = p * (fx * fw)`` in float32 (the
+    truncation is the conversion to the integer type itself): the
     rounding of :func:`_blocked_gemm_float`, exactly ``round_shift(p, s)`` by its proof
     (``|p| < 2**22``; ``fx * fw`` and ``t`` are exact powers-of-two multiples in float32's
     normal range, ``-16 <= s' <= 64``), so the one rounding rule holds. Branch-free float
@@ -397,11 +398,11 @@ def _shift_sum():
                     if narrow:
                         for n in range(N):
                             t = np.float32(pj[n]) * (a * fwj[n])
-                            o[n] += np.int32(np.trunc(t + np.copysign(half, t)))
+                            o[n] += np.int32(t + np.copysign(half, t))  # truncates
                     else:
                         for n in range(N):
                             t = np.float32(pj[n]) * (a * fwj[n])
-                            o[n] += np.int64(np.trunc(t + np.copysign(half, t)))
+                            o[n] += np.int64(t + np.copysign(half, t))
                 if not seg_end:
                     continue
                 w = out[r if out.shape[0] > 1 else 0]
