@@ -359,7 +359,8 @@ def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
 
 
 def layernorm_affine(y, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> np.ndarray:
-    """:func:`layernorm_affine_numpy` in one compiled pass (the same integers)."""
+    """:func:`layernorm_affine_numpy` in one compiled pass (the same integers; rows shared
+    among the set_threads threads when large)."""
     B = cfg.block_size
     y = np.asarray(y, dtype=np.int64)
     nb = y.shape[-1] // B
@@ -369,9 +370,10 @@ def layernorm_affine(y, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> n
     g_shift = np.maximum(cfg.ln_frac - cfg.ln_out_frac - gamma.exp, floor)
     b = round_shift(beta.blocks, np.maximum(-(beta.exp[:, None] + cfg.ln_out_frac), floor))
     out = np.empty(y.shape, dtype=np.int64)
-    _kernels().affine(np.ascontiguousarray(y).reshape(R, nb, B),
-                      np.ascontiguousarray(gamma.blocks), np.ascontiguousarray(g_shift),
-                      np.ascontiguousarray(b), out.reshape(R, nb, B), lim)
+    y3, o3 = np.ascontiguousarray(y).reshape(R, nb, B), out.reshape(R, nb, B)
+    g, gs, bb = (np.ascontiguousarray(a) for a in (gamma.blocks, g_shift, b))
+    affine = _kernels().affine
+    _split_rows(R, nb * B, lambda r0, r1: affine(y3[r0:r1], g, gs, bb, o3[r0:r1], lim))
     return out
 
 

@@ -341,6 +341,27 @@ def test_compiled_layernorm_equals_numpy(cfg):
         layernorm_fixed(Fixed(np.full((1, N), -cfg.add_bound - 1), np.zeros(1)), cfg)
 
 
+def test_compiled_layernorm_affine_split_among_threads(monkeypatch):
+    """The affine pass with its rows shared among 2 threads == numpy."""
+    from bct.model import matmul as matmul_module
+    from bct.model import nonlinear
+
+    cfg = Config()
+    rng = np.random.default_rng(23)
+    N = 4 * cfg.block_size
+    y = layernorm_fixed(Fixed(rng.integers(-cfg.add_bound, cfg.add_bound + 1, size=(7, 5, N)),
+                              rng.integers(-30, 6, size=(7, 5))), cfg)
+    gamma = encode(rng.uniform(-3, 3, N), cfg.vector_format)
+    beta = encode(rng.standard_normal(N) * 4, cfg.vector_format)
+    monkeypatch.setattr(nonlinear, "_PAR_MIN", 64)
+    before = matmul_module._THREADS
+    try:
+        matmul_module.set_threads(2)
+        assert _same(layernorm_affine(y, gamma, beta, cfg), layernorm_affine_numpy(y, gamma, beta, cfg))
+    finally:
+        matmul_module.set_threads(before)
+
+
 @pytest.mark.parametrize("cfg", COMPILED_CFGS)
 def test_compiled_fixed_to_frac_equals_numpy(cfg):
     rng = np.random.default_rng(23)
