@@ -252,8 +252,33 @@ def _layernorm_out(x: Fixed, gamma: BlockTensor, beta: BlockTensor, cfg: Config)
 
 def layernorm(x: Fixed, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> BlockTensor:
     """LayerNorm of fixed-point rows with block-format ``gamma`` / ``beta`` (vector format),
-    re-encoded to the activation block format."""
-    return requantize(_layernorm_out(x, gamma, beta, cfg), -cfg.ln_out_frac, cfg.act_format)
+    re-encoded to the activation block format.
+
+    ``requantize(layernorm_affine(layernorm_fixed(x)), -ln_out_frac)`` fused into one compiled
+    pass: each row normalised, scaled and re-encoded in row buffers by the same row kernels
+    (rows shared among the set_threads threads; no full-size intermediates). The same
+    integers, the same errors."""
+    fmt = cfg.act_format
+    N = np.shape(x.value)[-1] if np.ndim(x.value) else 0
+    B = cfg.block_size
+    if np.ndim(x.value) == 0 or N % B or fmt.block != B or gamma.fmt.block != B:
+        return requantize(_layernorm_out(x, gamma, beta, cfg), -cfg.ln_out_frac, fmt)
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p.shape != (N,) or p.fmt != cfg.vector_format:
+            raise ValueError(f"LayerNorm {name} must be a ({N},) tensor in the vector format")
+    v2, eps, consts = _layernorm_rows(x, cfg)
+    affine = _affine_operands(gamma, beta, cfg)
+    R = v2.shape[0]
+    q = np.empty((R, N // B, B), dtype=np.int64)
+    e = np.empty((R, N // B), dtype=np.int64)
+    k = _kernels()
+    oks = []
+    _split_rows(R, N, lambda r0, r1: oks.append(k.layernorm_blocks(
+        v2[r0:r1], eps[r0:r1], *consts, *affine, -cfg.ln_out_frac, fmt.qmax, fmt.e_min,
+        fmt.e_max, fmt.bits, q[r0:r1], e[r0:r1])))
+    _check_bound(oks, cfg)
+    shape = np.shape(x.value)
+    return BlockTensor(q.reshape(shape), e.reshape(shape[:-1] + (N // B,)), fmt)
 
 
 def layernorm_wide(x: Fixed, gamma: BlockTensor, beta: BlockTensor,
@@ -335,9 +360,9 @@ def _exp2_lut(cfg: Config) -> np.ndarray:
     return lut
 
 
-def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
-    """:func:`layernorm_fixed_numpy` in one compiled pass over the rows (the same integers,
-    the same errors)."""
+def _layernorm_rows(x: Fixed, cfg: Config):
+    """``layernorm_fixed``'s operands: the rows ``(R, N)``, each row's epsilon, and the
+    kernel's constants (after the width check)."""
     c = derive(cfg)
     v = np.asarray(x.value, dtype=np.int64)
     N = v.shape[-1]
@@ -346,16 +371,37 @@ def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
     uniq, inverse = np.unique(scales, return_inverse=True)  # few distinct row scales
     eps = np.array([ln_eps_units(c, N, int(s), LN_D_CAP) for s in uniq], dtype=np.int64)[inverse]
     R = int(np.prod(v.shape[:-1], dtype=np.int64))
-    out = np.empty(v.shape, dtype=np.int64)
-    v2, eps, o2 = np.ascontiguousarray(v).reshape(R, N), np.ascontiguousarray(eps).reshape(R), out.reshape(R, N)
-    oks = []  # each share checks the bound before computing (an error leaves ``out`` unused)
-    k = _kernels()
-    _split_rows(R, N, lambda r0, r1: oks.append(k.layernorm(
-        v2[r0:r1], eps[r0:r1], o2[r0:r1], cfg.add_bound, LN_D_CAP, cfg.ln_sqrt_bits,
-        c.ln_recip_shift, cfg.ln_frac)))
+    consts = (cfg.add_bound, LN_D_CAP, cfg.ln_sqrt_bits, c.ln_recip_shift, cfg.ln_frac)
+    return np.ascontiguousarray(v).reshape(R, N), np.ascontiguousarray(eps).reshape(R), consts
+
+
+def _check_bound(oks: list, cfg: Config) -> None:
     if not all(oks):
         raise ValueError(f"LayerNorm input exceeds the config's bound {cfg.add_bound}")
+
+
+def layernorm_fixed(x: Fixed, cfg: Config) -> np.ndarray:
+    """:func:`layernorm_fixed_numpy` in one compiled pass over the rows (the same integers,
+    the same errors)."""
+    v2, eps, consts = _layernorm_rows(x, cfg)
+    out = np.empty(np.shape(x.value), dtype=np.int64)
+    o2 = out.reshape(v2.shape)
+    oks = []  # each share checks the bound before computing (an error leaves ``out`` unused)
+    k = _kernels()
+    _split_rows(v2.shape[0], v2.shape[1], lambda r0, r1: oks.append(k.layernorm(
+        v2[r0:r1], eps[r0:r1], o2[r0:r1], *consts)))
+    _check_bound(oks, cfg)
     return out
+
+
+def _affine_operands(gamma: BlockTensor, beta: BlockTensor, cfg: Config):
+    """The affine kernel's ``gamma`` blocks, their shifts, the aligned ``beta`` and the
+    saturation limit."""
+    lim = (1 << (cfg.ln_out_bits - 1)) - 1
+    floor = -(cfg.ln_out_bits + 1)
+    g_shift = np.maximum(cfg.ln_frac - cfg.ln_out_frac - gamma.exp, floor)
+    b = round_shift(beta.blocks, np.maximum(-(beta.exp[:, None] + cfg.ln_out_frac), floor))
+    return tuple(np.ascontiguousarray(a) for a in (gamma.blocks, g_shift, b)) + (lim,)
 
 
 def layernorm_affine(y, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> np.ndarray:
@@ -365,13 +411,9 @@ def layernorm_affine(y, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> n
     y = np.asarray(y, dtype=np.int64)
     nb = y.shape[-1] // B
     R = y.size // (nb * B) if nb else 0
-    lim = (1 << (cfg.ln_out_bits - 1)) - 1
-    floor = -(cfg.ln_out_bits + 1)
-    g_shift = np.maximum(cfg.ln_frac - cfg.ln_out_frac - gamma.exp, floor)
-    b = round_shift(beta.blocks, np.maximum(-(beta.exp[:, None] + cfg.ln_out_frac), floor))
+    g, gs, bb, lim = _affine_operands(gamma, beta, cfg)
     out = np.empty(y.shape, dtype=np.int64)
     y3, o3 = np.ascontiguousarray(y).reshape(R, nb, B), out.reshape(R, nb, B)
-    g, gs, bb = (np.ascontiguousarray(a) for a in (gamma.blocks, g_shift, b))
     affine = _kernels().affine
     _split_rows(R, nb * B, lambda r0, r1: affine(y3[r0:r1], g, gs, bb, o3[r0:r1], lim))
     return out
@@ -509,7 +551,8 @@ def _kernels():
     division :func:`~bct.model.fixed.round_div`'s, the bit length and the rounded square root
     those of :func:`~bct.model.fixed.bit_length` / :func:`~bct.model.fixed.sqrt_round_int`."""
     global _KERNELS, _nb_rs, _nb_rdiv, _nb_bitlen, _nb_requant_rows, _nb_sqrt_round
-    global _nb_gelu_one, _nb_to_frac_one, _nb_softmax_row, _nb_gelu_mant
+    global _nb_gelu_one, _nb_to_frac_one, _nb_softmax_row, _nb_gelu_mant, _nb_layernorm_row
+    global _nb_affine_row, _nb_within
     if _KERNELS is None:
         from types import SimpleNamespace
 
@@ -625,41 +668,80 @@ def _kernels():
             return True
 
         @numba.njit(nogil=True, cache=True)
-        def layernorm(v, eps, out, bound, cap, W, recip_shift, frac):
+        def layernorm_row(vr, eps, out, cap, W, recip_shift, frac):
+            # one row (its bound already checked) into out
             stamp  # noqa: B018 (the cache key)
+            N = vr.shape[0]
+            s1 = np.int64(0)
+            s2 = np.int64(0)
+            for j in range(N):
+                a = vr[j]
+                s1 += a
+                s2 += a * a
+            d = min(N * s2 - s1 * s1 + eps, cap)
+            t = (_nb_bitlen(d) - 2 * W + 1) >> 1
+            root = _nb_sqrt_round(_nb_rs(d, 2 * t))
+            one = np.int64(1) << recip_shift
+            inv = _nb_rdiv(one, max(root, 1)) if root > 0 else np.int64(0)
+            sh = recip_shift - frac + t
+            for j in range(N):
+                out[j] = _nb_rs((N * vr[j] - s1) * inv, sh)
+
+        @numba.njit(nogil=True, cache=True)
+        def affine_row(y, g, gsh, b, out, lim):  # one row: y, out (nb, B)
+            stamp  # noqa: B018 (the cache key)
+            nb, B = y.shape
+            for k in range(nb):
+                sh = gsh[k]
+                for i in range(B):
+                    v = min(max(_nb_rs(y[k, i] * g[k, i], sh), -lim), lim)
+                    out[k, i] = min(max(v + b[k, i], -lim), lim)
+
+        _nb_layernorm_row, _nb_affine_row = layernorm_row, affine_row
+
+        @numba.njit(nogil=True, cache=True)
+        def within(v, bound):  # every |v| <= bound
             R, N = v.shape
-            for r in range(R):  # the bound is checked first, as numpy
+            for r in range(R):
                 for j in range(N):
                     if abs(v[r, j]) > bound:
                         return False
-            one = np.int64(1) << recip_shift
-            for r in range(R):
-                vr = v[r]
-                s1 = np.int64(0)
-                s2 = np.int64(0)
-                for j in range(N):
-                    a = vr[j]
-                    s1 += a
-                    s2 += a * a
-                d = min(N * s2 - s1 * s1 + eps[r], cap)
-                t = (_nb_bitlen(d) - 2 * W + 1) >> 1
-                root = _nb_sqrt_round(_nb_rs(d, 2 * t))
-                inv = _nb_rdiv(one, max(root, 1)) if root > 0 else np.int64(0)
-                sh = recip_shift - frac + t
-                for j in range(N):
-                    out[r, j] = _nb_rs((N * vr[j] - s1) * inv, sh)
+            return True
+
+        _nb_within = within
+
+        @numba.njit(nogil=True, cache=True)
+        def layernorm(v, eps, out, bound, cap, W, recip_shift, frac):
+            stamp  # noqa: B018 (the cache key)
+            if not _nb_within(v, bound):  # the bound is checked first, as numpy
+                return False
+            for r in range(v.shape[0]):
+                _nb_layernorm_row(v[r], eps[r], out[r], cap, W, recip_shift, frac)
             return True
 
         @numba.njit(nogil=True, cache=True)
         def affine(y, g, gsh, b, out, lim):
             stamp  # noqa: B018 (the cache key)
-            R, nb, B = y.shape
+            for r in range(y.shape[0]):
+                _nb_affine_row(y[r], g, gsh, b, out[r], lim)
+
+        @numba.njit(nogil=True, cache=True)
+        def layernorm_blocks(v, eps, bound, cap, W, recip_shift, frac, g, gsh, b, lim, s_out,
+                             qmax, e_min, e_max, obits, q, e):
+            # layernorm, affine and requantize's row kernel, one row at a time in row buffers
+            stamp  # noqa: B018 (the cache key)
+            if not _nb_within(v, bound):
+                return False
+            R, N = v.shape
+            nb, B = g.shape
+            y = np.empty(N, dtype=np.int64)
+            buf = np.empty((1, q.shape[1], q.shape[2]), dtype=np.int64)
+            srow = np.full(1, s_out, dtype=np.int64)
             for r in range(R):
-                for k in range(nb):
-                    sh = gsh[k]
-                    for i in range(B):
-                        v = min(max(_nb_rs(y[r, k, i] * g[k, i], sh), -lim), lim)
-                        out[r, k, i] = min(max(v + b[k, i], -lim), lim)
+                _nb_layernorm_row(v[r], eps[r], y, cap, W, recip_shift, frac)
+                _nb_affine_row(y.reshape(nb, B), g, gsh, b, buf.reshape(nb, B), lim)
+                _nb_requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
+            return True
 
         @numba.njit(nogil=True, cache=True, inline="always")
         def gelu_mant(m, sh, lim, span, lut):  # gelu_fixed of to_fixed of one mantissa
@@ -737,6 +819,7 @@ def _kernels():
 
         _KERNELS = SimpleNamespace(gelu=gelu, to_frac=to_frac, softmax=softmax,
                                    layernorm=layernorm, affine=affine, gelu_blocks=gelu_blocks,
+                                   layernorm_blocks=layernorm_blocks,
                                    gelu_acc_rows=gelu_acc_rows,
                                    softmax_blocks=softmax_blocks)
     return _KERNELS

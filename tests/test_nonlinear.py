@@ -10,7 +10,7 @@ from bct.model.blocks import encode
 from bct.model.constants import LOG2E_FRAC, derive
 from bct.model.fixed import round_div_int, round_shift_int
 from bct.model.matmul import Fixed
-from bct.model.blocks import requantize, to_fixed
+from bct.model.blocks import requantize, requantize_numpy, to_fixed
 from bct.model.nonlinear import (
     fixed_to_frac,
     fixed_to_frac_numpy,
@@ -339,6 +339,46 @@ def test_compiled_layernorm_equals_numpy(cfg):
     assert _same(layernorm_affine(y, big, big, cfg), layernorm_affine_numpy(y, big, big, cfg))
     with pytest.raises(ValueError, match="exceeds the config's bound"):
         layernorm_fixed(Fixed(np.full((1, N), -cfg.add_bound - 1), np.zeros(1)), cfg)
+
+
+@pytest.mark.parametrize("cfg", COMPILED_CFGS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_layernorm_equals_the_three_numpy_passes(cfg, threads, monkeypatch):
+    """layernorm (one fused compiled pass per row) == requantize_numpy of
+    layernorm_affine_numpy of layernorm_fixed_numpy: constant rows, an outlier at the bound,
+    tiny rows, per-row and shared scales, saturating gamma and beta, batched shapes, rows split
+    among threads; the same errors (bound, gamma shape) as the unfused path."""
+    from bct.model import matmul as matmul_module
+    from bct.model import nonlinear
+
+    rng = np.random.default_rng(30 + threads)
+    N = 4 * cfg.block_size
+    v = rng.integers(-cfg.add_bound, cfg.add_bound + 1, size=(3, 9, N))
+    v[0, 0] = cfg.add_bound
+    v[0, 1] = 0
+    v[0, 2] = 0
+    v[0, 2, 5] = -cfg.add_bound
+    v[0, 3] = rng.integers(-2, 3, size=N)
+    v[1] >>= 20
+    scales = rng.integers(-30, 6, size=(3, 9))
+    gamma = encode(rng.uniform(-3, 3, N), cfg.vector_format)
+    beta = encode(rng.standard_normal(N) * 4, cfg.vector_format)
+    big = encode(np.full(N, 1e6), cfg.vector_format)
+    monkeypatch.setattr(nonlinear, "_PAR_MIN", 64)
+    before = matmul_module._THREADS
+    try:
+        matmul_module.set_threads(threads)
+        for x in (Fixed(v, scales), Fixed(v, np.int64(-12)), Fixed(v[0, 3], np.int64(-20))):
+            for g, b in ((gamma, beta), (big, big)):
+                want = requantize_numpy(layernorm_affine_numpy(layernorm_fixed_numpy(x, cfg), g, b, cfg),
+                                        -cfg.ln_out_frac, cfg.act_format)
+                assert layernorm(x, g, b, cfg) == want
+        with pytest.raises(ValueError, match="exceeds the config's bound"):
+            layernorm(Fixed(np.full((4, N), -cfg.add_bound - 1), np.zeros(4)), gamma, beta, cfg)
+        with pytest.raises(ValueError, match=r"LayerNorm beta must be a"):
+            layernorm(Fixed(v, scales), gamma, encode(np.ones(2 * N), cfg.vector_format), cfg)
+    finally:
+        matmul_module.set_threads(before)
 
 
 def test_compiled_layernorm_affine_split_among_threads(monkeypatch):
