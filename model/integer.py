@@ -44,7 +44,7 @@ from bct.model.blocks import BlockTensor, encode, reblock_transposed, requantize
 from bct.model.checkpoint import BertWeights, Encoding, named_parameters
 from bct.model.equalize import equalize
 from bct.model.fixed import round_div, round_shift
-from bct.model.matmul import Fixed, add, linear, matmul
+from bct.model.matmul import Fixed, add, add_requantize, linear, matmul
 from bct.model.nonlinear import gelu, gelu_acc, layernorm, layernorm_wide, softmax, tanh_fixed
 
 __all__ = [
@@ -276,7 +276,7 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
     def residual(a, b):
         if wide:
             return requantize(*residual_add(a, b, cfg=cfg), rf)
-        return requantize(*add(a, b, cfg=cfg), af)
+        return add_requantize(a, b, cfg=cfg, fmt=af)
 
     def norm(name, x, g, b):  # -> (matmul operand, residual copy)
         if wide:
@@ -291,7 +291,7 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
     pos = BlockTensor(
         np.broadcast_to(pos.mant, word.shape).copy(), np.broadcast_to(pos.exp, word.exp.shape).copy(), pos.fmt
     )
-    x = keep("embed.sum", requantize(*add(word, pos, typ, cfg=cfg), rf))
+    x = keep("embed.sum", add_requantize(word, pos, typ, cfg=cfg, fmt=rf))
     x, xr = norm("embed.ln", x, qm.emb_ln_g, qm.emb_ln_b)
     key_mask = mask[:, None, None, :]  # (B, 1, 1, T)
     for i, lw in enumerate(qm.encoder):

@@ -35,8 +35,8 @@ from bct.model.blocks import BlockFormat, BlockTensor, _requantize_kernels, requ
 from bct.model.fixed import round_shift, round_shift_int
 
 __all__ = [
-    "Fixed", "matmul", "matmul_pyint", "linear", "add", "row_scale", "act_blocks", "check_operands",
-    "set_threads",
+    "Fixed", "matmul", "matmul_pyint", "linear", "add", "add_requantize", "row_scale", "act_blocks",
+    "check_operands", "set_threads",
 ]
 
 class Fixed(NamedTuple):
@@ -757,15 +757,8 @@ def linear(x: BlockTensor, w: BlockTensor, cfg: Config, bias: BlockTensor | None
     return requantize(y, scale, fmt)
 
 
-def add(*terms: BlockTensor, cfg: Config) -> Fixed:
-    """Sum of up to ``MAX_ADD_TERMS`` activations (residuals, the embedding sum), aligned to
-    ``max(row exponents) - G``.
-
-    Each operand becomes ``round_shift(q, scale - e)`` with ``scale - e >= -G``, so
-    ``|value| <= terms * qmax * 2**G <= Config.add_bound``. Operands are activations or
-    embedding rows (weight format). One compiled pass per term (:func:`_add_kernel`), rows
-    shared among :func:`set_threads` threads when large.
-    """
+def _add_scale(terms: tuple, cfg: Config) -> np.ndarray:
+    """:func:`add`'s checks of its operands and the row scales ``max(row exponents) - G``."""
     if not 1 <= len(terms) <= MAX_ADD_TERMS:
         raise ValueError(f"add takes 1..{MAX_ADD_TERMS} terms, not {len(terms)} (too many terms)")
     first = terms[0]
@@ -775,27 +768,78 @@ def add(*terms: BlockTensor, cfg: Config) -> Fixed:
         if t.fmt not in (cfg.act_format, cfg.weight_format):
             raise ConfigError(f"add operand format {t.fmt} is neither the activation nor the weight format")
     top = np.max([t.exp.max(axis=-1) for t in terms], axis=0)
-    scale = (top - cfg.acc_guard_bits).astype(np.int64)
+    return (top - cfg.acc_guard_bits).astype(np.int64)
+
+
+def _add_operands(terms: tuple, scale: np.ndarray):
+    """Rows ``R``, width ``K``, the row scales ``(R,)`` and each term's ``(R, K // B, B)``
+    mantissas and ``(R, K // B)`` exponents."""
+    first = terms[0]
+    R, K = int(np.prod(first.shape[:-1], dtype=np.int64)), first.shape[-1]
+    B = first.fmt.block
+    args = [(np.ascontiguousarray(t.mant).reshape(R, K // B, B),
+             np.ascontiguousarray(t.exp).reshape(R, -1)) for t in terms]
+    return R, K, np.ascontiguousarray(scale).reshape(R), args
+
+
+def _row_steps(R: int, K: int) -> list[tuple[int, int]]:
+    """Row ranges of :func:`add`: one per :func:`set_threads` thread when large."""
+    step = max(1, -(-R // _THREADS)) if R * K >= _PAR_MIN else R
+    return [(r0, min(r0 + step, R)) for r0 in range(0, R, step)]
+
+
+def add(*terms: BlockTensor, cfg: Config) -> Fixed:
+    """Sum of up to ``MAX_ADD_TERMS`` activations (residuals, the embedding sum), aligned to
+    ``max(row exponents) - G``.
+
+    Each operand becomes ``round_shift(q, scale - e)`` with ``scale - e >= -G``, so
+    ``|value| <= terms * qmax * 2**G <= Config.add_bound``. Operands are activations or
+    embedding rows (weight format). One compiled pass per term (:func:`_add_kernel`), rows
+    shared among :func:`set_threads` threads when large.
+    """
+    scale = _add_scale(terms, cfg)
+    first = terms[0]
     if first.mant.ndim == 0 or first.exp.shape[-1] == 0:
         s = scale[..., None, None]
         value = sum(round_shift(t.blocks, s - t.exp[..., None]) for t in terms)
         return Fixed(value.reshape(first.shape), scale)
-    R, K = int(np.prod(first.shape[:-1], dtype=np.int64)), first.shape[-1]
-    B = first.fmt.block
-    sc = np.ascontiguousarray(scale).reshape(R)
-    args = [(np.ascontiguousarray(t.mant).reshape(R, K // B, B),
-             np.ascontiguousarray(t.exp).reshape(R, -1)) for t in terms]
+    R, K, sc, args = _add_operands(terms, scale)
     value = np.empty((R, K), dtype=np.int64)
-    kernel = _add_kernel()
+    kernel = _add_kernel()[0]
 
     def run(part):
         for r0, r1 in part:
             for i, (m, e) in enumerate(args):
                 kernel(m[r0:r1], e[r0:r1], sc[r0:r1], value[r0:r1], i == 0)
 
-    step = max(1, -(-R // _THREADS)) if R * K >= _PAR_MIN else R
-    _run_tasks(run, [(r0, min(r0 + step, R)) for r0 in range(0, R, step)])
+    _run_tasks(run, _row_steps(R, K))
     return Fixed(value.reshape(first.shape), scale)
+
+
+def add_requantize(*terms: BlockTensor, cfg: Config, fmt: BlockFormat) -> BlockTensor:
+    """``requantize(*add(*terms, cfg=cfg), fmt)`` in one compiled pass over the rows: each
+    row's sum (the add kernel's rule, term by term) re-encoded at once by requantize's row
+    kernel from a row buffer (no full-size int64 sum; rows shared among :func:`set_threads`
+    threads when large). The same integers, the same errors."""
+    scale = _add_scale(terms, cfg)
+    first = terms[0]
+    if (first.mant.ndim == 0 or first.exp.shape[-1] == 0 or first.shape[-1] % fmt.block
+            or len(terms) > 3):
+        return requantize(*add(*terms, cfg=cfg), fmt)
+    R, K, sc, args = _add_operands(terms, scale)
+    args += [args[0]] * (3 - len(args))  # unused slots (the kernel adds the first nt terms)
+    q = np.empty((R, K // fmt.block, fmt.block), dtype=np.int64)
+    e = np.empty((R, K // fmt.block), dtype=np.int64)
+    kernel = _add_kernel()[1]
+    fargs = (fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits)
+    flat = [a[r] for a in args for r in (0, 1)]
+
+    def run(part):
+        for r0, r1 in part:
+            kernel(*(a[r0:r1] for a in flat), len(terms), sc[r0:r1], q[r0:r1], e[r0:r1], *fargs)
+
+    _run_tasks(run, _row_steps(R, K))
+    return BlockTensor(q.reshape(first.shape), e.reshape(first.shape[:-1] + (K // fmt.block,)), fmt)
 
 
 #: Elements of :func:`add` below which it stays on the calling thread.
@@ -805,19 +849,25 @@ _ADD = None
 
 
 def _add_kernel():
-    """The compiled pass of :func:`add` (numba; compiled on first use, cached on disk):
+    """The compiled passes of :func:`add` (numba; compiled on first use, cached on disk):
     ``add_term(mant, exp, sc, out, first)`` sets (``first``) or adds
     ``round_shift(mant[r, k, i], sc[r] - exp[r, k])`` (:func:`bct.model.fixed.round_shift` on
-    scalars, one shift per block) into ``out[r, k * B + i]``."""
-    global _ADD, _nb_rs
+    scalars, one shift per block) into ``out[r, k * B + i]``; ``add_rows(m1, e1, m2, e2, m3,
+    e3, nt, sc, q, e, qmax, e_min, e_max, bits)`` does that for the first ``nt`` terms of one
+    row into a row buffer and re-encodes it with requantize's row kernel (scale ``sc[r]``)
+    into ``q[r]`` (``(R, K // Bq, Bq)``), ``e[r]``."""
+    global _ADD, _nb_rs, _nb_add_row, _nb_requant_rows
     if _ADD is None:
         import numba
 
-        from bct.model import fixed
+        from bct.model import blocks, fixed
 
-        # a global, not a closure, and the stamp of fixed.py (bct.model.fixed.kernel_stamp)
+        # globals, not closures, and the stamps of the files whose kernels the compiled code
+        # contains (bct.model.fixed.kernel_stamp)
         _nb_rs = fixed.scalar_kernels().round_shift
+        _nb_requant_rows = _requantize_kernels()[0]
         stamp = fixed.kernel_stamp(fixed)
+        stamp_rows = fixed.kernel_stamp(fixed, blocks)
 
         @numba.njit(nogil=True, cache=True)
         def add_term(mant, exp, sc, out, first):
@@ -835,5 +885,22 @@ def _add_kernel():
                         for i in range(B):
                             o[i] += _nb_rs(m[i], s)
 
-        _ADD = add_term
+        _nb_add_row = add_term
+
+        @numba.njit(nogil=True, cache=True)
+        def add_rows(m1, e1, m2, e2, m3, e3, nt, sc, q, e, qmax, e_min, e_max, bits):
+            stamp_rows  # noqa: B018 (the cache key)
+            R, nk, B = m1.shape
+            buf = np.empty((1, q.shape[1], q.shape[2]), dtype=np.int64)
+            row = buf.reshape(1, nk * B)
+            for r in range(R):
+                _nb_add_row(m1[r:r + 1], e1[r:r + 1], sc[r:r + 1], row, True)
+                if nt > 1:
+                    _nb_add_row(m2[r:r + 1], e2[r:r + 1], sc[r:r + 1], row, False)
+                if nt > 2:
+                    _nb_add_row(m3[r:r + 1], e3[r:r + 1], sc[r:r + 1], row, False)
+                _nb_requant_rows(buf, sc[r:r + 1], q[r:r + 1], e[r:r + 1], qmax, e_min, e_max,
+                                 bits)
+
+        _ADD = add_term, add_rows
     return _ADD

@@ -7,7 +7,7 @@ from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode
 from bct.model import matmul as matmul_module
 from bct.model.matmul import (
-    Fixed, _block_float, add, linear, matmul, matmul_pyint, row_scale, set_threads,
+    Fixed, _block_float, add, add_requantize, linear, matmul, matmul_pyint, row_scale, set_threads,
 )
 
 CONFIGS = [
@@ -237,6 +237,43 @@ def test_add_compiled_equals_round_shift_definition(n_terms, monkeypatch):
                     got = add(*terms, cfg=cfg)
                     assert got.value.dtype == np.int64 and np.array_equal(got.value, want)
                     assert np.array_equal(got.scale, scale)
+    finally:
+        set_threads(before)
+
+
+@pytest.mark.parametrize("n_terms", [1, 2, 3])
+def test_add_requantize_equals_requantize_numpy_of_the_sum(n_terms, monkeypatch):
+    """add_requantize (sum and re-encoding per row in one compiled pass) == requantize_numpy
+    of the numpy definition of the sum: both operand formats (weight blocks of 128 re-encoded
+    to activation blocks of 32), exponent gaps past 62 bits, batched shapes, 1 and 2 threads;
+    and add's errors."""
+    from bct.model.blocks import requantize_numpy
+    from bct.model.fixed import round_shift_numpy
+
+    rng = np.random.default_rng(50 + n_terms)
+    monkeypatch.setattr(matmul_module, "_PAR_MIN", 64)
+    before = matmul_module._THREADS
+    try:
+        for cfg in (Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)):
+            for fmt in (cfg.act_format, cfg.weight_format):
+                terms = []
+                for _ in range(n_terms):
+                    mant = rng.integers(-fmt.qmax, fmt.qmax + 1, (2, 3, 2 * fmt.block))
+                    exp = rng.integers(fmt.e_min, fmt.e_max + 1, (2, 3, 2))
+                    exp[0, 0] = fmt.e_min
+                    exp[1, 2, 1] = fmt.e_max
+                    mant[1, 1] = 0
+                    terms.append(BlockTensor(mant, exp, fmt))
+                scale = np.max([t.exp.max(axis=-1) for t in terms], axis=0) - cfg.acc_guard_bits
+                value = sum(round_shift_numpy(t.blocks, scale[..., None, None] - t.exp[..., None])
+                            for t in terms).reshape(terms[0].shape)
+                for out_fmt in (cfg.act_format, cfg.residual_format):
+                    want = requantize_numpy(value, scale, out_fmt)
+                    for n in (1, 2):
+                        set_threads(n)
+                        assert add_requantize(*terms, cfg=cfg, fmt=out_fmt) == want
+        with pytest.raises(ValueError, match="too many terms"):
+            add_requantize(*terms, *terms, *terms, *terms, cfg=cfg, fmt=cfg.act_format)
     finally:
         set_threads(before)
 
