@@ -44,8 +44,10 @@ from bct.model.blocks import BlockTensor, encode, reblock_transposed, requantize
 from bct.model.checkpoint import BertWeights, Encoding, named_parameters
 from bct.model.equalize import equalize
 from bct.model.fixed import round_div, round_shift
-from bct.model.matmul import Fixed, add, add_requantize, linear, matmul
-from bct.model.nonlinear import gelu, gelu_acc, layernorm, layernorm_wide, softmax, tanh_fixed
+from bct.model.matmul import Fixed, add_requantize, linear, matmul
+from bct.model.nonlinear import (
+    add_layernorm, gelu, gelu_acc, layernorm_wide, softmax, tanh_fixed,
+)
 
 __all__ = [
     "QuantLayer", "QuantBert", "IntegerOutput", "quantize", "forward", "trace", "mean_pool",
@@ -283,7 +285,7 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
             y, yr = layernorm_wide(residual_add(x, cfg=cfg), g, b, cfg)
             keep(name + "_wide", yr)
             return keep(name, y), yr
-        y = keep(name, layernorm(add(x, cfg=cfg), g, b, cfg))
+        y = keep(name, add_layernorm(x, g, b, cfg))  # layernorm(add(x)), fused
         return y, y
 
     pos = qm.pos_emb[np.arange(T)]

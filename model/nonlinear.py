@@ -18,6 +18,7 @@ from bct.model.fixed import bit_length, round_div, round_shift, sqrt_round_int
 from bct.model.matmul import Fixed
 
 __all__ = [
+    "add_layernorm",
     "gelu_fixed",
     "gelu_fixed_numpy",
     "gelu",
@@ -281,6 +282,37 @@ def layernorm(x: Fixed, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> B
     return BlockTensor(q.reshape(shape), e.reshape(shape[:-1] + (N // B,)), fmt)
 
 
+def add_layernorm(x: BlockTensor, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> BlockTensor:
+    """``layernorm(add(x, cfg=cfg), gamma, beta, cfg)``: the alignment of the activation ``x``
+    (:func:`bct.model.matmul.add` of one term) fused into :func:`layernorm`'s pass, each row
+    aligned by add's kernel into a row buffer (no full-size aligned copy). A single aligned
+    term is at most ``qmax << G <= Config.add_bound``, so LayerNorm's bound holds (the unfused
+    path is taken otherwise). The same integers, the same errors."""
+    from bct.model.matmul import _add_kernel, _add_operands, _add_scale, add
+
+    fmt = cfg.act_format
+    B = cfg.block_size
+    scale = _add_scale((x,), cfg)
+    N = x.shape[-1] if x.mant.ndim else 0
+    if (x.mant.ndim == 0 or x.exp.shape[-1] == 0 or N % B or fmt.block != B
+            or gamma.fmt.block != B or (x.fmt.qmax << cfg.acc_guard_bits) > cfg.add_bound):
+        return layernorm(add(x, cfg=cfg), gamma, beta, cfg)
+    for name, p in (("gamma", gamma), ("beta", beta)):
+        if p.shape != (N,) or p.fmt != cfg.vector_format:
+            raise ValueError(f"LayerNorm {name} must be a ({N},) tensor in the vector format")
+    eps, consts = _layernorm_eps(scale, x.shape, cfg)
+    affine = _affine_operands(gamma, beta, cfg)
+    R, _, sc, ((m, e_in),) = _add_operands((x,), scale)
+    q = np.empty((R, N // B, B), dtype=np.int64)
+    e = np.empty((R, N // B), dtype=np.int64)
+    _add_kernel()  # (its kernel is compiled into this one)
+    k = _kernels()
+    _split_rows(R, N, lambda r0, r1: k.layernorm_aligned(
+        m[r0:r1], e_in[r0:r1], sc[r0:r1], eps[r0:r1], *consts[1:], *affine, -cfg.ln_out_frac,
+        fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits, q[r0:r1], e[r0:r1]))
+    return BlockTensor(q.reshape(x.shape), e.reshape(x.shape[:-1] + (N // B,)), fmt)
+
+
 def layernorm_wide(x: Fixed, gamma: BlockTensor, beta: BlockTensor,
                    cfg: Config) -> tuple[BlockTensor, BlockTensor]:
     """LayerNorm for the wide residual path (``cfg.residual_bits``): the one fixed-point output
@@ -363,16 +395,24 @@ def _exp2_lut(cfg: Config) -> np.ndarray:
 def _layernorm_rows(x: Fixed, cfg: Config):
     """``layernorm_fixed``'s operands: the rows ``(R, N)``, each row's epsilon, and the
     kernel's constants (after the width check)."""
-    c = derive(cfg)
     v = np.asarray(x.value, dtype=np.int64)
     N = v.shape[-1]
+    eps, consts = _layernorm_eps(x.scale, v.shape, cfg)
+    return np.ascontiguousarray(v).reshape(eps.shape[0], N), eps, consts
+
+
+def _layernorm_eps(scale, shape: tuple, cfg: Config):
+    """Each row's epsilon (``(R,)``, from its scale) and the LayerNorm kernel's constants, for
+    rows of ``shape`` (after the width check)."""
+    c = derive(cfg)
+    N = shape[-1]
     cfg.check_reduction(N, "LayerNorm width")
-    scales = np.broadcast_to(np.asarray(x.scale, dtype=np.int64), v.shape[:-1])
+    scales = np.broadcast_to(np.asarray(scale, dtype=np.int64), shape[:-1])
     uniq, inverse = np.unique(scales, return_inverse=True)  # few distinct row scales
     eps = np.array([ln_eps_units(c, N, int(s), LN_D_CAP) for s in uniq], dtype=np.int64)[inverse]
-    R = int(np.prod(v.shape[:-1], dtype=np.int64))
+    R = int(np.prod(shape[:-1], dtype=np.int64))
     consts = (cfg.add_bound, LN_D_CAP, cfg.ln_sqrt_bits, c.ln_recip_shift, cfg.ln_frac)
-    return np.ascontiguousarray(v).reshape(R, N), np.ascontiguousarray(eps).reshape(R), consts
+    return np.ascontiguousarray(eps).reshape(R), consts
 
 
 def _check_bound(oks: list, cfg: Config) -> None:
@@ -552,7 +592,7 @@ def _kernels():
     those of :func:`~bct.model.fixed.bit_length` / :func:`~bct.model.fixed.sqrt_round_int`."""
     global _KERNELS, _nb_rs, _nb_rdiv, _nb_bitlen, _nb_requant_rows, _nb_sqrt_round
     global _nb_gelu_one, _nb_to_frac_one, _nb_softmax_row, _nb_gelu_mant, _nb_layernorm_row
-    global _nb_affine_row, _nb_within
+    global _nb_affine_row, _nb_within, _nb_add_term
     if _KERNELS is None:
         from types import SimpleNamespace
 
@@ -725,6 +765,30 @@ def _kernels():
             for r in range(y.shape[0]):
                 _nb_affine_row(y[r], g, gsh, b, out[r], lim)
 
+        from bct.model import matmul
+
+        _nb_add_term = matmul._add_kernel()[0]
+        stamp_aligned = fixed.kernel_stamp(fixed, blocks, matmul)
+
+        @numba.njit(nogil=True, cache=True)
+        def layernorm_aligned(mant, exp, sc, eps, cap, W, recip_shift, frac, g, gsh, b, lim,
+                              s_out, qmax, e_min, e_max, obits, q, e):
+            # add's alignment of one term, layernorm, affine and requantize's row kernel, one
+            # row at a time in row buffers (the caller has shown the bound holds)
+            stamp_aligned  # noqa: B018 (the cache key)
+            R, nk, Bt = mant.shape
+            N = nk * Bt
+            nb, B = g.shape
+            v = np.empty((1, N), dtype=np.int64)
+            y = np.empty(N, dtype=np.int64)
+            buf = np.empty((1, q.shape[1], q.shape[2]), dtype=np.int64)
+            srow = np.full(1, s_out, dtype=np.int64)
+            for r in range(R):
+                _nb_add_term(mant[r:r + 1], exp[r:r + 1], sc[r:r + 1], v, True)
+                _nb_layernorm_row(v[0], eps[r], y, cap, W, recip_shift, frac)
+                _nb_affine_row(y.reshape(nb, B), g, gsh, b, buf.reshape(nb, B), lim)
+                _nb_requant_rows(buf, srow, q[r:r + 1], e[r:r + 1], qmax, e_min, e_max, obits)
+
         @numba.njit(nogil=True, cache=True)
         def layernorm_blocks(v, eps, bound, cap, W, recip_shift, frac, g, gsh, b, lim, s_out,
                              qmax, e_min, e_max, obits, q, e):
@@ -820,6 +884,7 @@ def _kernels():
         _KERNELS = SimpleNamespace(gelu=gelu, to_frac=to_frac, softmax=softmax,
                                    layernorm=layernorm, affine=affine, gelu_blocks=gelu_blocks,
                                    layernorm_blocks=layernorm_blocks,
+                                   layernorm_aligned=layernorm_aligned,
                                    gelu_acc_rows=gelu_acc_rows,
                                    softmax_blocks=softmax_blocks)
     return _KERNELS

@@ -127,8 +127,8 @@ def stage_breakdown(qm, encs) -> dict:
     from bct.model import integer
 
     names = ["linear", "matmul", "add", "add_requantize", "requantize", "reblock_transposed",
-             "softmax", "gelu", "gelu_acc", "layernorm", "round_shift", "round_div", "to_fixed",
-             "encode", "tanh_fixed", "mean_pool"]
+             "softmax", "gelu", "gelu_acc", "layernorm", "add_layernorm", "round_shift", "round_div",
+             "to_fixed", "encode", "tanh_fixed", "mean_pool"]
     acc = {n: 0.0 for n in names}
     saved = {}
 

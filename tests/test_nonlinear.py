@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bct.config import Config, ConfigError
-from bct.model.blocks import encode
+from bct.config import BlockFormat, Config, ConfigError
+from bct.model.blocks import BlockTensor, encode
 from bct.model.constants import LOG2E_FRAC, derive
 from bct.model.fixed import round_div_int, round_shift_int
 from bct.model.matmul import Fixed
@@ -377,6 +377,49 @@ def test_fused_layernorm_equals_the_three_numpy_passes(cfg, threads, monkeypatch
             layernorm(Fixed(np.full((4, N), -cfg.add_bound - 1), np.zeros(4)), gamma, beta, cfg)
         with pytest.raises(ValueError, match=r"LayerNorm beta must be a"):
             layernorm(Fixed(v, scales), gamma, encode(np.ones(2 * N), cfg.vector_format), cfg)
+    finally:
+        matmul_module.set_threads(before)
+
+
+@pytest.mark.parametrize("cfg", COMPILED_CFGS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_add_layernorm_equals_layernorm_of_the_aligned_rows(cfg, threads, monkeypatch):
+    """add_layernorm (add's alignment fused into LayerNorm's pass) == the numpy definitions:
+    round_shift_numpy alignment to max(row exponents) - G, then the three LayerNorm passes;
+    rows of +-qmax, zero rows and blocks, exponent gaps past 62 bits, batched shapes, 1 and 2
+    threads; add's format error and LayerNorm's shape error."""
+    from bct.model import matmul as matmul_module
+    from bct.model import nonlinear
+    from bct.model.fixed import round_shift_numpy
+    from bct.model.nonlinear import add_layernorm
+
+    rng = np.random.default_rng(40 + threads)
+    fmt = cfg.act_format
+    N = 4 * cfg.block_size
+    mant = rng.integers(-fmt.qmax, fmt.qmax + 1, (3, 5, N))
+    exp = rng.integers(-12, 4, (3, 5, N // fmt.block))
+    mant[0, 0] = fmt.qmax
+    mant[0, 1] = 0
+    mant[0, 2, :fmt.block] = 0
+    mant[1, 0, ::3] = -fmt.qmax
+    exp[2, 0, 0], exp[2, 0, -1] = fmt.e_min, fmt.e_max
+    x = BlockTensor(mant, exp, fmt)
+    gamma = encode(rng.uniform(-3, 3, N), cfg.vector_format)
+    beta = encode(rng.standard_normal(N) * 4, cfg.vector_format)
+    scale = exp.max(axis=-1) - cfg.acc_guard_bits
+    v = round_shift_numpy(x.blocks, scale[..., None, None] - exp[..., None]).reshape(mant.shape)
+    want = requantize_numpy(layernorm_affine_numpy(layernorm_fixed_numpy(Fixed(v, scale), cfg), gamma,
+                                                   beta, cfg), -cfg.ln_out_frac, fmt)
+    monkeypatch.setattr(nonlinear, "_PAR_MIN", 64)
+    before = matmul_module._THREADS
+    try:
+        matmul_module.set_threads(threads)
+        assert add_layernorm(x, gamma, beta, cfg) == want
+        assert add_layernorm(x[1], gamma, beta, cfg) == layernorm(Fixed(v[1], scale[1]), gamma, beta, cfg)
+        with pytest.raises(ValueError, match=r"LayerNorm gamma must be a"):
+            add_layernorm(x, BlockTensor(beta.mant[:cfg.block_size], beta.exp[:1], beta.fmt), beta, cfg)
+        with pytest.raises(ConfigError, match="neither the activation nor the weight format"):
+            add_layernorm(encode(rng.standard_normal((2, N)), BlockFormat(3, cfg.block_size, 5)), gamma, beta, cfg)
     finally:
         matmul_module.set_threads(before)
 
