@@ -111,7 +111,13 @@ y = np.arange(-96, 96, dtype=np.int64).reshape(2, 96) * 1237
 t = blocks.requantize(y, 3, cfg.act_format)
 s = matmul.add(t, t, cfg=cfg)
 f = nonlinear.fixed_to_frac(s, 8, 16)
-print(int(fixed.round_shift(y, 5).sum()), int(t.mant.sum()), int(s.value.sum()), int(f.sum()))
+r = blocks.reblock_transposed(blocks.BlockTensor(t.mant.reshape(1, 2, 96)[:, [0, 1] * 16],
+                                                 t.exp.reshape(1, 2, 3)[:, [0, 1] * 16], t.fmt), cfg.act_format)
+a = matmul.add_requantize(t, t, cfg=cfg, fmt=cfg.act_format)
+g = blocks.encode(np.linspace(0.5, 2, 96), cfg.vector_format)
+n = nonlinear.add_layernorm(t, g, g, cfg)
+print(int(fixed.round_shift(y, 5).sum()), int(t.mant.sum()), int(s.value.sum()), int(f.sum()),
+      int(r.mant.sum()), int(a.mant.sum()), int(n.mant.sum()))
 """
 
 
@@ -134,7 +140,9 @@ def test_compiled_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
     first, files1 = run()
     names = " ".join(files1)
     for kernel in ("fixed._round_shift_ufunc", "blocks._requantize_kernels.locals.rows",
-                   "matmul._add_kernel", "nonlinear._kernels.locals.to_frac"):
+                   "matmul._add_kernel", "nonlinear._kernels.locals.to_frac",
+                   "blocks._requantize_kernels.locals.transposed", "matmul._add_kernel.locals.add_rows",
+                   "nonlinear._kernels.locals.layernorm_aligned"):
         assert kernel in names  # compiled and cached
     second, files2 = run()
     assert second == first
