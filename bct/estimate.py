@@ -213,12 +213,14 @@ def matmul_resources(cfg: Config, family: str = "ecp5") -> dict:
     ff_ctl += max(4, 2 + S) + 4 + (5 + S) + 1 + len({n for _, n in segs})
     # fan-out copies: five PE flags (a copy per row, then per PE), pop (per PE of the rows
     # that shift) and the drain control state it comes from with its copies of xfer, finish
-    # and the returned credit (per shifting row), the output
+    # and the returned credit (two per shifting row, each for half the row), the output
     # FIFO's write enable, addresses and level != 0 flag (per column), the bias holding
     # register's enable and load copies (per column, plus one for the row shifts)
     depth = MatmulArray.output_depth(cfg)  # output FIFO rows
-    state = 4 + (R - 1).bit_length() + depth.bit_length()  # full, bias_full, zero, one, row, credits
-    ff_ctl += (5 * (R + pes) + (R - 1) * (C + state + 3)
+    # full, bias_full, zero, one, row and its last-row flag, credits
+    state = 5 + (R - 1).bit_length() + depth.bit_length()
+    copies = 2 if C > 1 else 1  # per shifting row
+    ff_ctl += (5 * (R + pes) + (R - 1) * (C + copies * (state + 3))
                + C * (2 + 2 * (depth - 1).bit_length()) + 2 * (C + 1) + 3)
     bt = vb + G + 2  # the stored bias (qb << G+1) - (qb < 0)
     ff_out = (C * (vb + bsb) + R * bsb                              # bias holding register

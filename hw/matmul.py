@@ -483,9 +483,10 @@ class MatmulArray(wiring.Component):
         # Control, all registers: pop (a drain row leaves: it has its bias and a credit) and
         # xfer are computed from the next state of full, bias_full, bin_full, row, credits
         # and the stage-4 flags, so each is the same function of the state as if it were
-        # combinational, one cycle earlier. The state has one copy per row that shifts, each
-        # driving only that row's copies of pop (a net of C loads inside the row, not one
-        # across the whole array); every copy sees the same inputs, so they never differ.
+        # combinational, one cycle earlier. The state has two copies per row that shifts,
+        # each driving only the copies of pop of half that row (a net of C / 2 loads inside
+        # the row, not one across the whole array), each with its own copies of xfer, finish
+        # and the returned credit; every copy sees the same inputs, so they never differ.
         pop = Signal()
         pop_pe = [[Signal(name=f"pop_{r}_{c}", attrs=replica) for c in range(C)]
                   for r in range(R - 1)]
@@ -497,12 +498,12 @@ class MatmulArray(wiring.Component):
         accept = self.bias.valid & ~bin_full
 
         def control(tag, attrs, full_=None):
-            """One copy of the drain state; returns its ``full`` register and the next
-            state of full, bias_full, pop and pop_last. A credit comes back one cycle after its row left the
-            FIFO (back_r), so the credit test starts at registers: credits_n == 0 only if no
-            credit comes back and either none is left or the last one is taken (zero / one:
-            flags of credits; the candidates credits - 1, + 1 and their tests come from
-            registers, pop_c only selects among them)."""
+            """One copy of the drain state; returns its ``full`` register and the next state of
+            full, bias_full, pop and pop_last. A credit comes back one cycle after its row left the
+            FIFO (back_r), so the credit test starts at registers: credits_n == 0 only if no credit
+            comes back and either none is left or the last one is taken (zero / one: flags of
+            credits; the candidates credits - 1, + 1 and their tests come from registers, pop_c only
+            selects among them)."""
             full_ = Signal(name=f"full{tag}", attrs=attrs) if full_ is None else full_
             if attrs:  # a row's copy: its own copies of the shared control inputs
                 xfer_d_, finish_, back_r_ = (Signal(name=f"{n}{tag}", attrs=attrs)
@@ -512,14 +513,16 @@ class MatmulArray(wiring.Component):
                 xfer_d_, finish_, back_r_ = xfer_d, finish, back_r
             bias_full_ = Signal(name=f"bias_full{tag}", attrs=attrs)
             row = Signal(range(R), name=f"row{tag}", attrs=attrs)
+            rlast = Signal(init=R == 1, name=f"rlast{tag}", attrs=attrs)  # row == R - 1
             credits = Signal(range(depth + 1), init=depth, name=f"credits{tag}", attrs=attrs)
             zero = Signal(name=f"zero{tag}", attrs=attrs)
             one = Signal(init=depth == 1, name=f"one{tag}", attrs=attrs)
             pop_c = full_ & bias_full_ & ~zero
-            pop_last_c = pop_c & (row == R - 1)
+            pop_last_c = pop_c & rlast
             full_n = Mux(finish_, 1, Mux(pop_last_c, 0, full_))  # (admission: never both)
             bias_full_n = Mux(xfer_d_, 1, Mux(pop_last_c, 0, bias_full_))
-            row_n = Mux(pop_c, Mux(row == R - 1, 0, row + 1), row)
+            row_n = Mux(pop_c, Mux(rlast, 0, row + 1), row)
+            rlast_n = Mux(pop_c, (row == R - 2) | (R == 1), rlast)
             dec, inc = pop_c & ~back_r_, back_r_ & ~pop_c
             credits_n = Mux(dec, credits - 1, Mux(inc, credits + 1, credits))
             zero_n = Mux(dec, credits == 1, Mux(inc, 0, credits == 0))
@@ -527,13 +530,18 @@ class MatmulArray(wiring.Component):
             credits_nz = ~((zero | (one & pop_c)) & ~back_r_)
             pop_n = full_n & bias_full_n & credits_nz
             m.d.sync += [full_.eq(full_n), bias_full_.eq(bias_full_n), row.eq(row_n),
-                         credits.eq(credits_n), zero.eq(zero_n), one.eq(one_n)]
-            return full_, full_n, bias_full_n, pop_n, pop_n & (row_n == R - 1)
+                         rlast.eq(rlast_n), credits.eq(credits_n), zero.eq(zero_n),
+                         one.eq(one_n)]
+            return full_, full_n, bias_full_n, pop_n, pop_n & rlast_n
 
         _, full_n, bias_full_n, pop_n, pop_last_n = control("", {}, full)
+        # two copies per shifting row, each driving the pop copies of half the row's PEs
+        half = (C + 1) // 2
         for r in range(R - 1):
-            row_pop_n = control(f"_r{r}", replica)[3]
-            m.d.sync += [p.eq(row_pop_n) for p in pop_pe[r]]
+            for k, cols in enumerate((range(half), range(half, C))):
+                if cols:
+                    row_pop_n = control(f"_r{r}_{k}", replica)[3]
+                    m.d.sync += [pop_pe[r][c].eq(row_pop_n) for c in cols]
         bin_full_n = Mux(accept, 1, Mux(xfer, 0, bin_full))
         # xfer next cycle if the bias registers are free then or their tile's last row pops
         # then (o1 samples it at that edge); they load one cycle later, and bias_full (hence
