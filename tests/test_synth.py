@@ -10,6 +10,7 @@ import pytest
 
 from bct.config import Config, ConfigError
 from bct.hw import REPLICA_ATTR
+from bct.hw.matmul import MatmulArray
 from bct.synth import (CELL_CLASSES, TARGETS, constraint_files, constraints, count_cells,
                        run_unit, serial_wrapper)
 
@@ -145,15 +146,21 @@ def test_flow_end_to_end_small(tmp_path):
     # of their names in the netlist: they are checked for distinctness, not counted
     operands = {n for n in replicas if n.startswith(("unit.xo_", "unit.wo_"))}
     assert operands and len(set(replicas[n] for n in operands)) == len(operands)
-    # four flags with a copy per row, then per PE; pop with a copy per PE of the rows that
-    # shift, and the six drain-control registers it comes from per shifting row; the output
-    # FIFO's write enable, addresses and level != 0 flag, and the bias transfer (plus one for
-    # the row shifts), with a copy per column; each PE's copies of its row's and its column's
-    # shift fields and four of its total shift. (The copies that reset to 1, the bubble flag
-    # and the bias holding register's enables, are renamed by the iCE40 flow's handling of
-    # initial values and not seen here.)
+    # four flags (block's first product, block end, drain load, ring step) with a copy per
+    # row, then per PE; pop with a copy per PE of the rows that shift, and two copies per
+    # shifting row of the ten drain-control registers it comes from (full, bias_full, row,
+    # its last-row flag, credits, zero, one, and the copies of xfer, finish and the returned
+    # credit); the output FIFO's write enable, addresses and level != 0 flag, and the bias
+    # transfer (plus one for the row shifts), with a copy per column; each PE's copy of its
+    # row's shift field; per row segment and column the column's shift field, two copies
+    # of each shift stage's amount and the ring's clear flag. (The copies that reset to 1,
+    # the bubble flag and the bias holding register's enables, are renamed by the iCE40
+    # flow's handling of initial values and not seen here.)
     R, C = SMALL.array_rows, SMALL.array_cols
-    assert len(replicas) - len(operands) == 4 * (R + R * C) + (R - 1) * (C + 6) + 4 * C + (C + 1) + 6 * R * C
+    segs = len(MatmulArray.segments(SMALL))
+    expected = (4 * (R + R * C) + (R - 1) * (C + 2 * 10) + 4 * C + (C + 1) + R * C
+                + segs * C * (1 + 4 + 1))
+    assert len(replicas) - len(operands) == expected
     assert len(set(replicas.values())) == len(replicas), replicas
 
 
