@@ -209,6 +209,21 @@ def test_int8_pass_rounds_every_product_like_round_shift():
                     assert np.array_equal(acc.reshape(-1), expect), (G, sx, sw, acc_type)
 
 
+def _add_terms(rng, fmt, n_terms, zero_row=False):
+    """Random block terms ``(2, 3, 2 blocks)`` of ``fmt`` with exponent gaps up to the whole
+    exponent range (one block at ``e_min``, one at ``e_max``), optionally an all-zero row."""
+    terms = []
+    for _ in range(n_terms):
+        mant = rng.integers(-fmt.qmax, fmt.qmax + 1, (2, 3, 2 * fmt.block))
+        exp = rng.integers(fmt.e_min, fmt.e_max + 1, (2, 3, 2))
+        exp[0, 0] = fmt.e_min
+        exp[1, 2, 1] = fmt.e_max
+        if zero_row:
+            mant[1, 1] = 0
+        terms.append(BlockTensor(mant, exp, fmt))
+    return terms
+
+
 @pytest.mark.parametrize("n_terms", [1, 2, 3])
 def test_add_compiled_equals_round_shift_definition(n_terms, monkeypatch):
     """The compiled add == the definition in numpy passes (round_shift_numpy per block), on
@@ -221,13 +236,7 @@ def test_add_compiled_equals_round_shift_definition(n_terms, monkeypatch):
     try:
         for cfg in (Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)):
             for fmt in (cfg.act_format, cfg.weight_format):
-                terms = []
-                for _ in range(n_terms):
-                    mant = rng.integers(-fmt.qmax, fmt.qmax + 1, (2, 3, 2 * fmt.block))
-                    exp = rng.integers(fmt.e_min, fmt.e_max + 1, (2, 3, 2))
-                    exp[0, 0] = fmt.e_min  # gaps up to the whole exponent range
-                    exp[1, 2, 1] = fmt.e_max
-                    terms.append(BlockTensor(mant, exp, fmt))
+                terms = _add_terms(rng, fmt, n_terms)
                 top = np.max([t.exp.max(axis=-1) for t in terms], axis=0)
                 scale = top - cfg.acc_guard_bits
                 want = sum(round_shift_numpy(t.blocks, scale[..., None, None] - t.exp[..., None])
@@ -256,14 +265,7 @@ def test_add_requantize_equals_requantize_numpy_of_the_sum(n_terms, monkeypatch)
     try:
         for cfg in (Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)):
             for fmt in (cfg.act_format, cfg.weight_format):
-                terms = []
-                for _ in range(n_terms):
-                    mant = rng.integers(-fmt.qmax, fmt.qmax + 1, (2, 3, 2 * fmt.block))
-                    exp = rng.integers(fmt.e_min, fmt.e_max + 1, (2, 3, 2))
-                    exp[0, 0] = fmt.e_min
-                    exp[1, 2, 1] = fmt.e_max
-                    mant[1, 1] = 0
-                    terms.append(BlockTensor(mant, exp, fmt))
+                terms = _add_terms(rng, fmt, n_terms, zero_row=True)
                 scale = np.max([t.exp.max(axis=-1) for t in terms], axis=0) - cfg.acc_guard_bits
                 value = sum(round_shift_numpy(t.blocks, scale[..., None, None] - t.exp[..., None])
                             for t in terms).reshape(terms[0].shape)
