@@ -224,12 +224,21 @@ def _add_terms(rng, fmt, n_terms, zero_row=False):
     return terms
 
 
+def _add_reference(terms, cfg):
+    """The definition of ``add`` in numpy passes: ``(value, scale)``, each term's blocks
+    ``round_shift_numpy``-ed to the common scale (largest exponent minus the guard bits)."""
+    from bct.model.fixed import round_shift_numpy
+
+    scale = np.max([t.exp.max(axis=-1) for t in terms], axis=0) - cfg.acc_guard_bits
+    value = sum(round_shift_numpy(t.blocks, scale[..., None, None] - t.exp[..., None])
+                for t in terms).reshape(terms[0].shape)
+    return value, scale
+
+
 @pytest.mark.parametrize("n_terms", [1, 2, 3])
 def test_add_compiled_equals_round_shift_definition(n_terms, monkeypatch):
     """The compiled add == the definition in numpy passes (round_shift_numpy per block), on
     both formats, batched shapes, exponent gaps past 62 bits and split among threads."""
-    from bct.model.fixed import round_shift_numpy
-
     rng = np.random.default_rng(40 + n_terms)
     monkeypatch.setattr(matmul_module, "_PAR_MIN", 64)
     before = matmul_module._THREADS
@@ -237,10 +246,7 @@ def test_add_compiled_equals_round_shift_definition(n_terms, monkeypatch):
         for cfg in (Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)):
             for fmt in (cfg.act_format, cfg.weight_format):
                 terms = _add_terms(rng, fmt, n_terms)
-                top = np.max([t.exp.max(axis=-1) for t in terms], axis=0)
-                scale = top - cfg.acc_guard_bits
-                want = sum(round_shift_numpy(t.blocks, scale[..., None, None] - t.exp[..., None])
-                           for t in terms).reshape(terms[0].shape)
+                want, scale = _add_reference(terms, cfg)
                 for n in (1, 2):
                     set_threads(n)
                     got = add(*terms, cfg=cfg)
@@ -257,7 +263,6 @@ def test_add_requantize_equals_requantize_numpy_of_the_sum(n_terms, monkeypatch)
     to activation blocks of 32), exponent gaps past 62 bits, batched shapes, 1 and 2 threads;
     and add's errors."""
     from bct.model.blocks import requantize_numpy
-    from bct.model.fixed import round_shift_numpy
 
     rng = np.random.default_rng(50 + n_terms)
     monkeypatch.setattr(matmul_module, "_PAR_MIN", 64)
@@ -266,9 +271,7 @@ def test_add_requantize_equals_requantize_numpy_of_the_sum(n_terms, monkeypatch)
         for cfg in (Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)):
             for fmt in (cfg.act_format, cfg.weight_format):
                 terms = _add_terms(rng, fmt, n_terms, zero_row=True)
-                scale = np.max([t.exp.max(axis=-1) for t in terms], axis=0) - cfg.acc_guard_bits
-                value = sum(round_shift_numpy(t.blocks, scale[..., None, None] - t.exp[..., None])
-                            for t in terms).reshape(terms[0].shape)
+                value, scale = _add_reference(terms, cfg)
                 for out_fmt in (cfg.act_format, cfg.residual_format):
                     want = requantize_numpy(value, scale, out_fmt)
                     for n in (1, 2):
