@@ -173,14 +173,22 @@ class Blockifier(wiring.Component):
         Carry a ``last`` bit (row end) from the input payload to the output payload, so a
         unit whose output stream marks its rows (LayerNorm, softmax) connects directly
         (:meth:`for_payload`).
+    wide : BlockFormat, optional
+        A second, wider output format of the config (the residual format of the wide residual
+        path: same block and exponent width, more bits), chosen per block by the input's
+        ``wide`` bit: the output lanes are then ``wide.bits`` wide (a block encoded to ``fmt``
+        has its lanes within ``+-fmt.qmax``), and the output payload carries the ``wide`` bit.
+        Without it the unit is exactly the one-format Blockifier.
 
     Attributes
     ----------
     i : stream.Interface, in
         ``{"value": ArrayLayout(signed(in_width), B), "scale": signed(scale_bits)}`` (and
-        ``"last": 1`` with ``last``): the block ``value * 2**scale``.
+        ``"last": 1`` with ``last``, ``"wide": 1`` with ``wide``): the block
+        ``value * 2**scale``.
     o : stream.Interface, out
-        :func:`bct.hw.layouts.block_layout` ``(fmt)`` (and ``"last": 1`` with ``last``).
+        :func:`bct.hw.layouts.block_layout` ``(fmt)`` (``(wide)`` and ``"wide": 1`` with
+        ``wide``; ``"last": 1`` with ``last``).
     latency : int
         3 (register stages from ``i`` to ``o``).
     """
@@ -221,7 +229,7 @@ class Blockifier(wiring.Component):
         return blk
 
     def __init__(self, cfg: Config, in_width: int, scale_bits: int, fmt: BlockFormat, *,
-                 last: bool = False):
+                 last: bool = False, wide: BlockFormat | None = None):
         if not isinstance(cfg, Config):
             raise TypeError(f"cfg must be a Config, not {type(cfg).__name__}")
         for name, value, hi in (("in_width", in_width, MAX_IN_WIDTH),
@@ -231,19 +239,29 @@ class Blockifier(wiring.Component):
             lo = 2 if name == "in_width" else 1
             if not lo <= value <= hi:
                 raise ConfigError(f"{name} must be in {lo}..{hi}, not {value}")
-        if fmt not in (cfg.act_format, cfg.vector_format, cfg.weight_format):
+        formats = (cfg.act_format, cfg.vector_format, cfg.weight_format, cfg.residual_format)
+        if fmt not in formats:
             raise ConfigError(f"fmt {fmt} is not one of the config's block formats")
+        if wide is not None:
+            if wide not in formats:
+                raise ConfigError(f"wide {wide} is not one of the config's block formats")
+            if (wide.block, wide.exp_bits) != (fmt.block, fmt.exp_bits) or wide.bits < fmt.bits:
+                raise ConfigError(f"wide {wide} must have the block size and exponent width "
+                                  f"of {fmt} and at least its bits")
         self.cfg = cfg
         self.in_width = in_width
         self.scale_bits = scale_bits
         self.fmt = fmt
         self.last = bool(last)
+        self.wide = wide
         in_fields = {"value": data.ArrayLayout(signed(in_width), fmt.block),
                      "scale": signed(scale_bits)}
-        out_fields = dict(block_layout(fmt))
+        out_fields = dict(block_layout(fmt if wide is None else wide))
         out_fields = {name: field.shape for name, field in out_fields.items()}
         if self.last:
             in_fields["last"] = out_fields["last"] = unsigned(1)
+        if wide is not None:
+            in_fields["wide"] = out_fields["wide"] = unsigned(1)
         super().__init__({
             "i": In(stream.Signature(data.StructLayout(in_fields))),
             "o": Out(stream.Signature(data.StructLayout(out_fields))),
@@ -252,8 +270,12 @@ class Blockifier(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         fmt, w, B = self.fmt, self.in_width, self.fmt.block
+        wide = self.wide
         q = fmt.bits  # bitlen(2 qmax + 1)
-        max_left, max_right = fmt.qmax.bit_length(), w + 1
+        out_fmt = fmt if wide is None else wide
+        # a wide output's clamp of the lane shift covers the narrow format too: a left shift
+        # by more than bitlen(fmt.qmax) saturates there anyway
+        max_left, max_right = out_fmt.qmax.bit_length(), w + 1
         load = pipeline_enables(m, self.i, self.o, self.latency)
 
         # stage 1: block maximum of |y|
@@ -270,11 +292,19 @@ class Blockifier(wiring.Component):
 
         # stage 2: shift from bit lengths, exponent, lane shift code
         v = Cat(Const(0, 1), max1)  # 2 M
-        sh = Signal(range(2 - q, w + 3 - q))
+        qs = [q] if wide is None else [q, wide.bits]
+        shs = [Signal(range(2 - qq, w + 3 - qq), name="sh" if wide is None else f"sh{qq}")
+               for qq in qs]
         for p in range(1, w + 1):  # later assignments win: the leading one decides
             with m.If(v[p]):
-                ones = v[p - q + 1 : p + 1].all() if p >= q - 1 else Const(0)
-                m.d.comb += sh.eq(p + 1 - q + ones)
+                for qq, sh_q in zip(qs, shs):
+                    ones = v[p - qq + 1 : p + 1].all() if p >= qq - 1 else Const(0)
+                    m.d.comb += sh_q.eq(p + 1 - qq + ones)
+        if wide is None:
+            sh = shs[0]
+        else:
+            sh = Signal(range(2 - wide.bits, w + 3 - q), name="sh")
+            m.d.comb += sh.eq(Mux(y1.wide, shs[1], shs[0]))
         e_raw = Signal(signed(max(self.scale_bits, len(sh)) + 1))
         m.d.comb += e_raw.eq(y1.scale + sh)
         e = Signal(signed(fmt.exp_bits))
@@ -297,9 +327,17 @@ class Blockifier(wiring.Component):
                 m.d.sync += last2.eq(y1.last)
             with m.If(load[2]):
                 m.d.sync += self.o.payload.last.eq(last2)
+        if wide is not None:  # the format select rides along too
+            wide2 = Signal(name="wide2")
+            with m.If(load[1]):
+                m.d.sync += wide2.eq(y1.wide)
+            with m.If(load[2]):
+                m.d.sync += self.o.payload.wide.eq(wide2)
         with m.If(load[2]):
             m.d.sync += self.o.payload.exp.eq(e2)
             for k in range(B):
-                m.d.sync += self.o.payload.mant[k].eq(
-                    round_shift_saturate(m, y2[k], code2, max_left, fmt.qmax))
+                r = round_shift_saturate(m, y2[k], code2, max_left, out_fmt.qmax)
+                if wide is not None:  # clamp(clamp(t, qmax_wide), qmax) = clamp(t, qmax)
+                    r = Mux(wide2, r, Mux(r > fmt.qmax, fmt.qmax, Mux(r < -fmt.qmax, -fmt.qmax, r)))
+                m.d.sync += self.o.payload.mant[k].eq(r)
         return m
