@@ -187,6 +187,9 @@ class LayerAccelerator(wiring.Component):
         self.nops = len(prog.ops)
         self.max_blocks = max(sh.hidden, sh.ffn, sh.seq) // B
         self.max_cols = max(sh.hidden, sh.ffn, sh.seq)
+        self.wide = cfg.residual_bits is not None  # the wide residual path
+        wide_fields = {"a_res": 1, "b_res": 1, "o_res": 1, "dual": 1,
+                       "out2_base": unsigned(self.abits)} if self.wide else {}
         self.op_layout = data.StructLayout({
             "kind": unsigned(3),
             "a_base": unsigned(self.abits), "a_stride": unsigned(8),
@@ -198,6 +201,7 @@ class LayerAccelerator(wiring.Component):
             "ewmax": signed(10), "ebmax": signed(10),
             "rows": unsigned(16), "nbk": unsigned(8), "ncols": unsigned(16),
             "out_base": unsigned(self.abits), "out_stride": unsigned(8),
+            **wide_fields,
         })
         super().__init__({
             "start": In(1),
@@ -322,7 +326,10 @@ class LayerAccelerator(wiring.Component):
                     with m.Case(KIND["transpose"]):
                         m.d.sync += expected.eq(B)
                     with m.Default():
-                        m.d.sync += expected.eq(op.rows * op.nbk)
+                        if self.wide:  # a LayerNorm writing its residual copy: two per block
+                            m.d.sync += expected.eq(Mux(op.dual, 2, 1) * op.rows * op.nbk)
+                        else:
+                            m.d.sync += expected.eq(op.rows * op.nbk)
                 with m.If(kind == KIND["end"]):
                     m.d.sync += [self.done.eq(1), self.busy.eq(0)]
                     m.next = "IDLE"
@@ -341,7 +348,9 @@ class LayerAccelerator(wiring.Component):
 
         # ---------------- shared blockifier and write port
         wide = max(cfg.acc_bits, cfg.add_bits, cfg.ln_out_bits, cfg.softmax_out_frac + 2)
-        m.submodules.blk = blk = Blockifier(cfg, wide, _exp_width(cfg), af)
+        # on the wide path the output format (activation / residual) is chosen per block
+        m.submodules.blk = blk = Blockifier(cfg, wide, _exp_width(cfg), af,
+                                            wide=cfg.residual_format if self.wide else None)
         m.submodules.afifo = afifo = SyncFIFO(width=self.abits, depth=4)
         bk_valid = Signal()
         bk_value = Signal(data.ArrayLayout(signed(wide), B))
@@ -356,6 +365,14 @@ class LayerAccelerator(wiring.Component):
             blk.o.ready.eq(1),
             afifo.r_en.eq(blk.o.valid),
         ]
+        bk_wide = None
+        blk_word = blk.o.payload
+        if self.wide:  # residual-format block: the whole word; activation: the low bits
+            bk_wide = Signal()
+            bo = blk.o.payload
+            m.d.comb += blk.i.payload.wide.eq(bk_wide)
+            blk_word = Mux(bo.wide, Cat(bo.mant.as_value(), bo.exp),
+                           Cat(*(bo.mant[k][:af.bits] for k in range(B)), bo.exp))
         # write port sources: blockifier, GELU unit, V re-blocker, load port
         m.submodules.gelu = gelu = GeluUnit(cfg)
         tr_we = Signal()
@@ -368,7 +385,7 @@ class LayerAccelerator(wiring.Component):
             m.d.comb += [wp.en.eq(tr_we), wp.addr.eq(tr_addr), wp.data.eq(tr_word)]
         with m.Elif(self.busy):
             m.d.comb += [wp.en.eq(blk.o.valid), wp.addr.eq(afifo.r_data),
-                         wp.data.eq(blk.o.payload)]
+                         wp.data.eq(blk_word)]
         with m.Else():
             m.d.comb += [wp.en.eq(load_en), wp.addr.eq(load_addr), wp.data.eq(load_data)]
         m.d.comb += [wc.en.eq(wp.en), wc.addr.eq(wp.addr), wc.data.eq(cycles)]
@@ -386,9 +403,10 @@ class LayerAccelerator(wiring.Component):
         self._transpose(m, op, start_kind["transpose"], is_kind["transpose"], ra, words_a,
                         tr_we, tr_addr, tr_word)
         self._rows(m, op, go, is_kind, start_kind, ra, rb, words_a, words_b, word_v, v_addr,
-                   gelu, g_addr, bk_valid, bk_value, bk_scale, bk_addr, bk_ready, seq_len)
+                   gelu, g_addr, bk_valid, bk_value, bk_scale, bk_addr, bk_ready, seq_len,
+                   bk_wide)
         self._pool(m, op, start_kind["pool"], is_kind["pool"], ra, words_a, bk_valid, bk_value,
-                   bk_scale, bk_addr, bk_ready, seq_len)
+                   bk_scale, bk_addr, bk_ready, seq_len, bk_wide)
         return m
 
     # ------------------------------------------------------------------------------------
@@ -669,9 +687,18 @@ class LayerAccelerator(wiring.Component):
 
     # ------------------------------------------------------------------------------------
     def _rows(self, m, op, go, is_kind, start_kind, ra, rb, wa, wb, wv, v_addr, gelu, g_addr,
-              bk_valid, bk_value, bk_scale, bk_addr, bk_ready, seq_len):
+              bk_valid, bk_value, bk_scale, bk_addr, bk_ready, seq_len, bk_wide=None):
         """Row-streaming ops: softmax, GELU, residual add, LayerNorm (two passes per row:
-        exponent scan, then the aligned values)."""
+        exponent scan, then the aligned values).
+
+        On the wide residual path (``bk_wide``: the blockifier's per-block format select) the
+        residual add and LayerNorm's input are ``bct.model.integer.residual_add``: an operand
+        flagged ``a_res`` / ``b_res`` is read as a residual-format block, the scan takes each
+        block's top bit ``e + (bits - act_bits)``, the alignment keeps ``residual_guard_bits``
+        above a residual block at the top; the sum is written in the residual format
+        (``o_res``), and a LayerNorm flagged ``dual`` hands each output block to the
+        blockifier twice: the activation copy to ``out_base``, the residual copy to
+        ``out2_base``."""
         cfg = self.cfg
         B, G = cfg.block_size, cfg.acc_guard_bits
         af, vf = cfg.act_format, cfg.vector_format
@@ -737,6 +764,12 @@ class LayerAccelerator(wiring.Component):
                                   "exp": signed(af.exp_bits)})
         xa, xb, xm = Signal(alay), Signal(alay), Signal(meta)
         m.d.comb += [xa.eq(rf.r_data[:AW]), xb.eq(rf.r_data[AW:2 * AW]), xm.eq(rf.r_data[2 * AW:])]
+        if self.wide:  # the same words read as residual-format blocks
+            rfmt = cfg.residual_format
+            rlay = data.StructLayout({"mant": data.ArrayLayout(signed(rfmt.bits), B),
+                                      "exp": signed(rfmt.exp_bits)})
+            xa_r, xb_r = Signal(rlay, name="xa_res"), Signal(rlay, name="xb_res")
+            m.d.comb += [xa_r.eq(rf.r_data[:AW]), xb_r.eq(rf.r_data[AW:2 * AW])]
 
         # output counters (row, block) for softmax / GELU / LayerNorm outputs and the adder
         o_row, o_j = Signal(range(T * 64 + 1)), Signal(range(NB + 1))
@@ -770,22 +803,48 @@ class LayerAccelerator(wiring.Component):
 
         # ---- residual add and LayerNorm input: pass 0 scans the exponents, pass 1 aligns
         rmax = Signal(signed(EB))
-        escan = Mux(is_kind["add"], _max(xa.exp, xb.exp), xa.exp)
+        if self.wide:
+            # each operand as R-bit lanes, its exponent and its top bit e + (bits - act_bits)
+            def operand(x, xr, res, name):
+                lanes = [_sig(m, Mux(res, xr.mant[k], x.mant[k]), signed(rfmt.bits),
+                              f"{name}_lane{k}") for k in range(B)]
+                e = _sig(m, Mux(res, xr.exp, x.exp), signed(rfmt.exp_bits), f"{name}_exp")
+                top = _sig(m, e + Mux(res, rfmt.bits - af.bits, 0), signed(EB), f"{name}_top")
+                return lanes, e, top
+            oa, ob = operand(xa, xa_r, op.a_res, "ra"), operand(xb, xb_r, op.b_res, "rb")
+            escan = Mux(is_kind["add"], _max(oa[2], ob[2]), oa[2])
+        else:
+            escan = Mux(is_kind["add"], _max(xa.exp, xb.exp), xa.exp)
         with m.If(two & rf.r_rdy & ~xm.pass1):
             m.d.comb += rf.r_en.eq(1)
             m.d.sync += rmax.eq(Mux(xm.first, escan, _max(rmax, escan)))
         rscale = rmax - G
-        ml, mr = G, af.bits + 1
-        lim = af.qmax << G
+        if self.wide:
+            # shifts >= -G for an activation term and >= -residual_guard_bits for a residual
+            # one (the scale is below every top bit by G): one left clamp G is exact, and the
+            # saturation bound is the larger of the two terms' bounds (never reached)
+            ml, mr = G, rfmt.bits + 1
+            lim = max(af.qmax << G, rfmt.qmax << cfg.residual_guard_bits)
 
-        def aligned(x):
-            code = shift_code(m, rscale - x.exp, ml, mr)
-            return [round_shift_saturate(m, x.mant[k], code, ml, lim) for k in range(B)]
-        va, vb = aligned(xa), aligned(xb)
+            def aligned(o):
+                lanes, e, _ = o
+                code = shift_code(m, rscale - e, ml, mr)
+                return [round_shift_saturate(m, lanes[k], code, ml, lim) for k in range(B)]
+            va, vb = aligned(oa), aligned(ob)
+        else:
+            ml, mr = G, af.bits + 1
+            lim = af.qmax << G
+
+            def aligned(x):
+                code = shift_code(m, rscale - x.exp, ml, mr)
+                return [round_shift_saturate(m, x.mant[k], code, ml, lim) for k in range(B)]
+            va, vb = aligned(xa), aligned(xb)
         with m.If(is_kind["add"] & xm.pass1):
             m.d.comb += [bk_valid.eq(rf.r_rdy), rf.r_en.eq(bk_ready), bk_scale.eq(rscale),
                          bk_addr.eq(o_addr), o_adv.eq(rf.r_rdy & bk_ready)]
             m.d.comb += [bk_value[k].eq(va[k] + vb[k]) for k in range(B)]
+            if self.wide:
+                m.d.comb += bk_wide.eq(op.o_res)
 
         gi, go_ = identity_affine(cfg, self.H)
         m.submodules.ln = ln = LayerNormUnit(cfg, self.H, gi, go_)
@@ -814,12 +873,23 @@ class LayerAccelerator(wiring.Component):
                 gk = round_shift_saturate(m, prod, gcode, floor_, lo_lim)
                 bk = round_shift_saturate(m, b_sel[k], bcode, floor_, 2 * lo_lim)
                 m.d.comb += bk_value[k].eq(_clamp(gk + bk, -lo_lim, lo_lim))
+            if self.wide:  # dual: the same block again, to the residual copy
+                second = Signal(name="ln_second")
+                with m.If(op.dual):
+                    m.d.comb += [ln.o.ready.eq(bk_ready & second), bk_wide.eq(second),
+                                 o_adv.eq(ln.o.valid & bk_ready & second)]
+                    with m.If(second):
+                        m.d.comb += bk_addr.eq(op.out2_base + o_row * op.out_stride + o_j)
+                    with m.If(ln.o.valid & bk_ready):
+                        m.d.sync += second.eq(~second)
 
     # ------------------------------------------------------------------------------------
     def _pool(self, m, op, start, active, ra, wa, bk_valid, bk_value, bk_scale, bk_addr,
-              bk_ready, seq_len):
+              bk_ready, seq_len, bk_wide=None):
         """The sentence embedding (``bct.model.integer.mean_pool``): the masked mean over the
-        ``seq_len`` valid tokens of ``op.nbk`` blocks per row, one output row.
+        ``seq_len`` valid tokens of ``op.nbk`` blocks per row, one output row (on the wide
+        residual path, ``bk_wide``: of residual-format blocks when ``op.a_res``, written in the
+        residual format when ``op.o_res``).
 
         Four phases: scan the largest exponent of the valid rows (port A, one word a cycle);
         per output block, sum the valid tokens' blocks aligned to that exponent minus the guard
@@ -832,7 +902,19 @@ class LayerAccelerator(wiring.Component):
         af = cfg.act_format
         T, NB = self.T, self.max_blocks
         EB = _exp_width(cfg)
-        lim = af.qmax << G                        # |aligned term| <= qmax * 2**G
+        if bk_wide is not None:  # the operand's blocks as activation or residual format
+            rfmt = cfg.residual_format
+            wr = Signal(data.StructLayout({"mant": data.ArrayLayout(signed(rfmt.bits), B),
+                                           "exp": signed(rfmt.exp_bits)}), name="pl_wres")
+            m.d.comb += wr.eq(ra.data)
+            lanes = [_sig(m, Mux(op.a_res, wr.mant[k], wa.mant[k]), signed(rfmt.bits),
+                          f"pl_lane{k}") for k in range(B)]
+            wexp = _sig(m, Mux(op.a_res, wr.exp, wa.exp), signed(rfmt.exp_bits), "pl_exp")
+            lane_bits = rfmt.bits
+        else:
+            lanes, wexp, lane_bits = [wa.mant[k] for k in range(B)], wa.exp, af.bits
+        qmax = (1 << (lane_bits - 1)) - 1
+        lim = qmax << G                           # |aligned term| <= qmax * 2**G
         NW = (lim * T).bit_length()               # magnitude bits of a sum over <= T tokens
         DW = T.bit_length()                       # the count, 1 .. T
         wide = len(bk_value[0])
@@ -869,15 +951,15 @@ class LayerAccelerator(wiring.Component):
             with m.Else():
                 m.d.sync += [rlast.eq(last_t), t.eq(Mux(last_t, ntok, t + 1))]
         with m.If(active & (phase == 1) & rv):
-            m.d.sync += emax.eq(Mux(rfirst, wa.exp, _max(emax, wa.exp)))
+            m.d.sync += emax.eq(Mux(rfirst, wexp, _max(emax, wexp)))
             with m.If(rlast):
                 m.d.sync += [phase.eq(2), t.eq(0), j.eq(0)]
         # ---- aligned sum over the tokens of block j (scale = emax - G, as mean_pool)
         rscale = _sig(m, emax - G, signed(EB), "pl_scale")
-        code = shift_code(m, _sig(m, rscale - wa.exp, signed(EB + 1), "pl_shift"), G, af.bits + 1)
+        code = shift_code(m, _sig(m, rscale - wexp, signed(EB + 1), "pl_shift"), G, lane_bits + 1)
         with m.If(active & (phase == 2) & rv):
             for k in range(B):
-                term = round_shift_saturate(m, wa.mant[k], code, G, lim)
+                term = round_shift_saturate(m, lanes[k], code, G, lim)
                 term = Mux(none, 0, term)
                 m.d.sync += acc[k].eq(Mux(rfirst, term, acc[k] + term))
             with m.If(rlast):
@@ -906,6 +988,8 @@ class LayerAccelerator(wiring.Component):
                          unsigned(NW + 1), f"pl_q{k}")
                 m.d.comb += bk_value[k].eq(Mux(neg[k], -q, q))
             m.d.comb += [bk_valid.eq(1), bk_scale.eq(rscale), bk_addr.eq(op.out_base + j)]
+            if bk_wide is not None:
+                m.d.comb += bk_wide.eq(op.o_res)
             with m.If(bk_ready):
                 with m.If(j == op.nbk - 1):
                     m.d.sync += phase.eq(0)

@@ -10,6 +10,15 @@ then the output projection, residual, LayerNorm, FFN1, GELU, FFN2, residual, Lay
 the last layer the sentence embedding (``pool``: masked mean over the valid tokens, one row of
 ``hidden / block_size`` blocks in the ``embedding`` region).
 
+The wide residual path (``cfg.residual_bits``, ``bct.model.integer``): the residual stream is
+kept in ``cfg.residual_format`` in regions marked :attr:`Region.residual` (``attn_res``,
+``ffn_res``, ``embedding`` and the residual copies of the LayerNorm outputs, ``x_wide``,
+``attn_ln_wide``, ``out{i}_wide``); an ``amem`` word is then wide enough for a residual block
+(an activation block sits in its low bits) and the ops carry per-op format flags (``a_res`` /
+``b_res``: operand A / B is in the residual format, ``o_res``: the output is, ``dual``: a
+LayerNorm also writes its residual copy from ``out2_base``). Without it, regions, ops and
+widths are exactly those of the activation-only accelerator.
+
 Everything that depends only on the weights (the largest weight and bias exponent of each
 matrix) is folded into the program; everything that depends on the activations (row scales,
 the largest exponent of K and of the re-blocked V, masks from the sequence length) is computed
@@ -35,8 +44,9 @@ from bct.model.images import ImageError
 from bct.model.matmul import act_blocks
 
 __all__ = [
-    "LayerShape", "Region", "Program", "ImageError", "OPS", "ROMS", "build_program",
-    "check_images", "check_supported", "pack_word", "weight_ratio", "word_widths",
+    "LayerShape", "Region", "Program", "ImageError", "OPS", "ROMS", "WIDE_STAGES",
+    "build_program", "check_images", "check_supported", "layer_stages", "pack_word",
+    "weight_ratio", "word_widths",
 ]
 
 #: Op codes of the controller (``kind`` field).
@@ -46,6 +56,12 @@ OPS = {"end": 0, "mm": 1, "transpose": 2, "softmax": 3, "add": 4, "ln": 5, "gelu
 #: Every layer stage the accelerator writes, in trace order (``layer{i}.<stage>``).
 STAGES = ("q", "k", "v", "scores", "probs", "context", "attn_out", "attn_res", "attn_ln",
           "ffn1", "gelu", "ffn2", "ffn_res", "out")
+
+#: The residual copies of the LayerNorm outputs the wide residual path adds (``residual_bits``).
+WIDE_STAGES = ("attn_ln_wide", "out_wide")
+
+#: Per-op format flags of the wide residual path (only in its programs).
+_WIDE_FIELDS = ("a_res", "b_res", "o_res", "dual", "out2_base")
 
 _MATRICES = ("q_w", "k_w", "v_w", "o_w", "ffn1_w", "ffn2_w")
 _VECTORS = ("q_b", "k_b", "v_b", "o_b", "attn_ln_g", "attn_ln_b", "ffn1_b", "ffn2_b",
@@ -97,16 +113,24 @@ class LayerShape:
             cfg.check_reduction(n)
 
 
+def layer_stages(cfg: Config) -> tuple:
+    """The layer stages the accelerator writes for ``cfg``: :data:`STAGES`, plus
+    :data:`WIDE_STAGES` on the wide residual path."""
+    return STAGES + (WIDE_STAGES if cfg.residual_bits is not None else ())
+
+
 @dataclass(frozen=True)
 class Region:
     """A tensor in a memory: ``rows`` rows of ``blocks`` words, word ``(r, j)`` at
-    ``base + r * blocks + j``."""
+    ``base + r * blocks + j``; ``residual``: its blocks are in ``cfg.residual_format`` (the wide
+    residual path), else in the activation format (``amem``) or the image's."""
 
     name: str
     memory: str
     base: int
     rows: int
     blocks: int
+    residual: bool = False
 
     @property
     def words(self) -> int:
@@ -130,7 +154,7 @@ class Program:
             "config_hash": self.cfg.hash,
             "shape": asdict(self.shape),
             "depth": self.depth,
-            "regions": {k: asdict(r) for k, r in self.regions.items()},
+            "regions": {k: _region_json(r) for k, r in self.regions.items()},
             "ops": self.ops,
             "weights_digest": self.weights_digest,
         }
@@ -146,8 +170,21 @@ class Program:
 
     def stage_region(self, layer: int, stage: str) -> Region:
         """The region holding ``layer{layer}.{stage}`` (shared scratch regions hold the last
-        layer's stages; every layer has its own ``out``)."""
-        return self.regions[f"out{layer}" if stage == "out" else stage]
+        layer's stages; every layer has its own ``out`` and ``out_wide``)."""
+        if stage in ("out", "out_wide"):
+            return self.regions[f"out{layer}" + stage[3:]]
+        return self.regions[stage]
+
+    def region_format(self, name: str):
+        """The block format of the ``amem`` region ``name``."""
+        return self.cfg.residual_format if self.regions[name].residual else self.cfg.act_format
+
+
+def _region_json(r: Region) -> dict:
+    d = asdict(r)
+    if not r.residual:  # activation-only programs keep their JSON (and digest)
+        del d["residual"]
+    return d
 
 
 def _atomic_write(path: Path, text: str) -> Path:
@@ -164,14 +201,9 @@ def check_supported(cfg: Config) -> None:
     Raises
     ------
     ConfigError
-        For ``residual_bits`` (the RTL's residual stream is in the activation format) or
-        ``gelu_direct`` (the RTL's GELU reads activation blocks).
+        For ``gelu_direct`` (the RTL's GELU reads activation blocks). The wide residual path
+        (``residual_bits``) is implemented.
     """
-    if cfg.residual_bits is not None:
-        raise ConfigError(
-            f"the layer accelerator does not support the wide residual path yet "
-            f"(residual_bits={cfg.residual_bits}); only bct.model.integer runs it"
-        )
     if cfg.gelu_direct:
         raise ConfigError(
             "the layer accelerator does not support gelu_direct yet; only bct.model.integer runs it"
@@ -201,10 +233,14 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
     T, H, F, A, d, L = shape.seq, shape.hidden, shape.ffn, shape.heads, shape.head_dim, shape.layers
     nbH, nbF, nbT, nbd = H // B, F // B, T // B, d // B
     prog = Program(cfg, shape)
+    wide = cfg.residual_bits is not None
+    # the residual stream's regions on the wide path (residual format)
+    res = {"x_wide", "attn_res", "attn_ln_wide", "ffn_res", "embedding"} if wide else set()
+    res |= {f"out{i}_wide" for i in range(L)} if wide else set()
 
     def region(name, memory, rows, blocks):
         base = prog.depth.get(memory, 0)
-        prog.regions[name] = Region(name, memory, base, rows, blocks)
+        prog.regions[name] = Region(name, memory, base, rows, blocks, name in res)
         prog.depth[memory] = base + rows * blocks
         return prog.regions[name]
 
@@ -218,6 +254,9 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
     for i in range(L):
         region(f"out{i}", "amem", T, nbH)
     region("embedding", "amem", 1, nbH)
+    if wide:  # the residual copies: of the embedding LayerNorm (loaded) and of each LayerNorm
+        for name in ["x_wide", "attn_ln_wide"] + [f"out{i}_wide" for i in range(L)]:
+            region(name, "amem", T, nbH)
     for i in range(L):
         for name in _MATRICES:
             n, k = {"ffn1_w": (F, nbH), "ffn2_w": (H, nbF)}.get(name, (H, nbH))
@@ -238,6 +277,8 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
              "v_base": 0, "v2_base": 0, "w_src": 0, "bias": 0, "mask": 0, "ewmax": 0,
              "ebmax": 0, "rows": 0, "nbk": 0, "ncols": 0, "out_base": 0, "out_stride": 0,
              "note": ""}
+        if wide:
+            o.update(dict.fromkeys(_WIDE_FIELDS, 0))
         o.update(kw)
         prog.ops.append(o)
 
@@ -252,6 +293,13 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
            out_base=out.base, out_stride=out.blocks, note=note, **kw)
 
     x = x_in
+    xr = R["x_wide"] if wide else x_in  # the residual copy of the layer input
+    # the wide path's per-op flags: residual operand / output, LayerNorm's residual copy
+    add_f = dict(b_res=1, o_res=1) if wide else {}
+
+    def ln_f(copy):
+        return dict(a_res=1, dual=1, out2_base=R[copy].base) if wide else {}
+
     for i in range(L):
         p = f"layer{i}."
         for s, w, b in (("q", "q_w", "q_b"), ("k", "k_w", "k_b"), ("v", "v_w", "v_b")):
@@ -276,22 +324,27 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
                ncols=d, out_base=R["context"].base + h * nbd, out_stride=nbH,
                note=p + f"context[{h}]")
         linear(i, R["context"], "o_w", "o_b", R["attn_out"], p + "attn_out")
-        rowop("add", R["attn_out"], R["attn_res"], p + "attn_res", b_base=x.base, b_stride=nbH)
+        rowop("add", R["attn_out"], R["attn_res"], p + "attn_res", b_base=xr.base, b_stride=nbH,
+              **add_f)
         rowop("ln", R["attn_res"], R["attn_ln"], p + "attn_ln",
-              v_base=R[p + "attn_ln_g"].base, v2_base=R[p + "attn_ln_b"].base)
+              v_base=R[p + "attn_ln_g"].base, v2_base=R[p + "attn_ln_b"].base,
+              **ln_f("attn_ln_wide"))
+        hr = R["attn_ln_wide"] if wide else R["attn_ln"]
         linear(i, R["attn_ln"], "ffn1_w", "ffn1_b", R["ffn1"], p + "ffn1")
         rowop("gelu", R["ffn1"], R["gelu"], p + "gelu")
         linear(i, R["gelu"], "ffn2_w", "ffn2_b", R["ffn2"], p + "ffn2")
-        rowop("add", R["ffn2"], R["ffn_res"], p + "ffn_res", b_base=R["attn_ln"].base,
-              b_stride=nbH)
+        rowop("add", R["ffn2"], R["ffn_res"], p + "ffn_res", b_base=hr.base, b_stride=nbH,
+              **add_f)
         out = R[f"out{i}"]
         rowop("ln", R["ffn_res"], out, p + "out",
-              v_base=R[p + "out_ln_g"].base, v2_base=R[p + "out_ln_b"].base)
-        x = out
+              v_base=R[p + "out_ln_g"].base, v2_base=R[p + "out_ln_b"].base,
+              **ln_f(f"out{i}_wide"))
+        x, xr = out, (R[f"out{i}_wide"] if wide else out)
     # the sentence model's head: masked mean of the last hidden state over the valid tokens
-    # (seq_len), re-encoded to the activation format (bct.model.integer.mean_pool)
-    op("pool", a_base=x.base, a_stride=nbH, rows=1, nbk=nbH, out_base=R["embedding"].base,
-       out_stride=nbH, note="embedding")
+    # (seq_len), re-encoded to its format (bct.model.integer.mean_pool; on the wide path the
+    # residual copy, in the residual format)
+    op("pool", a_base=xr.base, a_stride=nbH, rows=1, nbk=nbH, out_base=R["embedding"].base,
+       out_stride=nbH, note="embedding", **(dict(a_res=1, o_res=1) if wide else {}))
     op("end", note="end")
     return prog
 
@@ -308,11 +361,13 @@ def pack_word(mant, exp: int, bits: int, exp_bits: int) -> int:
 
 
 def word_widths(cfg: Config) -> dict:
-    """Bits per word of the scratchpad (``amem``: a whole activation block with its exponent)
-    and of the four image ROMs (``w_mant`` / ``w_exp``: one weight block of
+    """Bits per word of the scratchpad (``amem``: a whole activation block with its exponent;
+    on the wide residual path a whole residual-format block, an activation block in its low
+    bits) and of the four image ROMs (``w_mant`` / ``w_exp``: one weight block of
     ``weight_block_size`` and its exponent; ``v_mant`` / ``v_exp``: one vector block)."""
     wf, vf = cfg.weight_format, cfg.vector_format
-    return {"amem": cfg.block_size * cfg.act_bits + cfg.exp_bits,
+    bits = max(cfg.act_bits, cfg.residual_format.bits)
+    return {"amem": cfg.block_size * bits + cfg.exp_bits,
             "w_mant": wf.block * wf.bits, "w_exp": wf.exp_bits,
             "v_mant": vf.block * vf.bits, "v_exp": vf.exp_bits}
 

@@ -9,6 +9,9 @@ exactly (``==``), reporting the first mismatch of each stage with its index, bot
 the cycle at which the word was written. The accelerator's last op, ``pool``, is compared
 too: ``embedding`` is the model's own ``mean_pool`` of the last on-chip layer's ``out``
 (:func:`pooled`; with every layer on chip it is checked to equal the trace's ``embedding``).
+On the wide residual path (``cfg.residual_bits``) the residual copies (``embed.ln_wide``,
+loaded with ``embed.ln``; ``attn_ln_wide``, ``out_wide``) are compared too, each stage in its
+own block format, and the pool is that of ``out_wide``.
 
 :func:`stage_words` / :func:`compare_words` are shared by the host and the testbench.
 """
@@ -23,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bct.hw.program import (ROMS, STAGES, LayerShape, Program, build_program, check_images,
-                            pack_word)
+from bct.hw.program import (ROMS, LayerShape, Program, build_program, check_images,
+                            layer_stages, pack_word)
 from bct.model.images import MANIFEST, content_digest, write_images
 from bct.model.blocks import BlockTensor, reblock_transposed
 from bct.sim.bits import unpack_block
@@ -67,8 +70,9 @@ def expected_stages(prog: Program, stages: dict, layers: list[int], seq_len: int
     A = prog.shape.heads
     last = max(layers)
     out = {}
+    wide = prog.cfg.residual_bits is not None
     for i in layers:
-        names = STAGES if i == last else ("out",)
+        names = layer_stages(prog.cfg) if i == last else ("out", "out_wide") if wide else ("out",)
         for s in names:
             t = stages[f"layer{i}.{s}"]
             kind = "heads" if s in ("scores", "probs") else "rows"
@@ -84,11 +88,13 @@ def expected_stages(prog: Program, stages: dict, layers: list[int], seq_len: int
 
 
 def pooled(prog: Program, stages: dict, layer: int, seq_len: int) -> BlockTensor:
-    """``bct.model.integer.mean_pool`` of ``layer{layer}.out`` over the first ``seq_len``
-    tokens: what the accelerator's ``pool`` op writes to the ``embedding`` region."""
+    """``bct.model.integer.mean_pool`` of ``layer{layer}.out`` (on the wide residual path its
+    residual copy ``out_wide``) over the first ``seq_len`` tokens: what the accelerator's
+    ``pool`` op writes to the ``embedding`` region."""
     from bct.model.integer import mean_pool
 
-    x = stages[f"layer{layer}.out"]
+    wide = prog.cfg.residual_bits is not None
+    x = stages[f"layer{layer}.out" + ("_wide" if wide else "")]
     mask = (np.arange(x.shape[1]) < seq_len)[None]
     return mean_pool(x, mask, prog.cfg)
 
@@ -184,12 +190,18 @@ def prepare(qm, enc, *, layers: int = 1, work_dir, image_root=None, images=None,
             raise ValueError("the trace's embedding is not mean_pool of its last layer's out "
                              "over the first seq_len tokens")
     af = cfg.act_format
+    inputs = [{"base": prog.regions["x"].base, "words": stage_words(prog, x, "rows")}]
+    if cfg.residual_bits is not None:  # the residual copy of the embedding LayerNorm
+        inputs.append({"base": prog.regions["x_wide"].base,
+                       "words": stage_words(prog, stages["embed.ln_wide"], "rows")})
     data = {
-        "input": {"base": prog.regions["x"].base, "words": stage_words(prog, x, "rows")},
+        "inputs": inputs,
         "seq_len": seq_len,
         "expected": expected,
         "blocks_per_row": {k: _blocks_per_row(prog, k) for k in expected},
         "fmt": [af.bits, af.exp_bits, af.block],
+        # each stage's own block format (the residual format on the wide path's regions)
+        "fmts": {k: _stage_format(prog, k) for k in expected},
         "ops": [o["note"] for o in prog.ops],
         "max_cycles": 40 * sum(max(1, o["rows"]) * max(1, o["nbk"]) * max(1, o["ncols"])
                                for o in prog.ops) // max(1, cfg.array_rows * cfg.array_cols)
@@ -201,13 +213,21 @@ def prepare(qm, enc, *, layers: int = 1, work_dir, image_root=None, images=None,
             "params": params, "trace": stages, "manifest": str(manifest)}
 
 
-def _blocks_per_row(prog: Program, name: str) -> int:
+def _stage_region(prog: Program, name: str):
     if name == "embedding":
-        return prog.regions["embedding"].blocks
+        return prog.regions["embedding"]
     stage = name.split(".", 1)[1]
-    region = prog.regions["vt"] if stage == "vt" else prog.stage_region(
+    return prog.regions["vt"] if stage == "vt" else prog.stage_region(
         int(name[5:name.index(".")]), stage)
-    return region.blocks
+
+
+def _stage_format(prog: Program, name: str) -> list:
+    f = prog.region_format(_stage_region(prog, name).name)
+    return [f.bits, f.exp_bits, f.block]
+
+
+def _blocks_per_row(prog: Program, name: str) -> int:
+    return _stage_region(prog, name).blocks
 
 
 def _content_file(base_dir, stem: str, suffix: str, text: str) -> Path:

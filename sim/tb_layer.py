@@ -1,8 +1,8 @@
 """cocotb testbench of :class:`bct.hw.layer.LayerAccelerator` (runs inside the simulator).
 
 Parameters (`bct.sim.tb.params`): ``data``, the JSON file written by
-:func:`bct.sim.layer.prepare` (the layer input words, ``seq_len``, the expected words of every
-stage, the op names), and ``report``, the JSON file this testbench writes: cycles, array beats,
+:func:`bct.sim.layer.prepare` (the layer input words, ``seq_len``, the expected words and the
+block format of every stage, the op names), and ``report``, the JSON file this testbench writes: cycles, array beats,
 MAC utilisation, the cycle at which every op started, every stage's equality and its first
 mismatch (index, both values, the cycle the word was written).
 """
@@ -44,12 +44,12 @@ async def layer_bit_exact(dut):
     dut.dbg_addr.value = 0
     await tb.reset(dut, period_ns=PERIOD_NS)
     await tb.assert_outputs_resolvable(dut)
-    base = d["input"]["base"]
-    for n, w in enumerate(d["input"]["words"]):
-        dut.load_en.value = 1
-        dut.load_addr.value = base + n
-        dut.load_data.value = w
-        await RisingEdge(dut.clk)
+    for part in d["inputs"]:  # the layer input (and its residual copy on the wide path)
+        for n, w in enumerate(part["words"]):
+            dut.load_en.value = 1
+            dut.load_addr.value = part["base"] + n
+            dut.load_data.value = w
+            await RisingEdge(dut.clk)
     dut.load_en.value = 0
     dut.seq_len.value = d["seq_len"]
     dut.start.value = 1
@@ -62,9 +62,9 @@ async def layer_bit_exact(dut):
     await FallingEdge(dut.clk)
     assert dut.done.value == 1, f"the program did not finish within {d['max_cycles']} cycles"
     cycles, beats = dut.cycles.value.to_unsigned(), dut.mac_beats.value.to_unsigned()
-    bits, exp_bits, block = d["fmt"]
     stages, mismatches = {}, []
     for name, e in d["expected"].items():
+        bits, exp_bits, block = d["fmts"].get(name, d["fmt"])
         got, when = [], []
         for n in range(len(e["words"])):
             w, c = await _read(dut, e["base"] + n)

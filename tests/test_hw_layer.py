@@ -106,14 +106,72 @@ def test_program_refuses_shapes(shape, message):
         build_program(Config(), shape)
 
 
-def test_program_refuses_the_wide_residual_path():
+def test_program_refuses_gelu_direct_only():
+    """``gelu_direct`` is refused (the RTL's GELU reads activation blocks); the wide residual
+    path is not."""
     shape = LayerShape(384, 12, 1536, 32)
-    with pytest.raises(ConfigError, match=r"the layer accelerator does not support the wide "
-                                          r"residual path yet \(residual_bits=16\)"):
-        build_program(Config(residual_bits=16), shape)
-    with pytest.raises(ConfigError, match="the layer accelerator does not support gelu_direct yet"):
-        build_program(Config(gelu_direct=True), shape)
+    for cfg in (Config(gelu_direct=True), Config(gelu_direct=True, residual_bits=16)):
+        with pytest.raises(ConfigError,
+                           match="the layer accelerator does not support gelu_direct yet"):
+            build_program(cfg, shape)
     assert build_program(Config(), shape).cfg == Config()
+    assert build_program(Config(residual_bits=16), shape).cfg == Config(residual_bits=16)
+
+
+def test_program_default_unchanged_by_the_wide_path():
+    """The activation-only program, word widths and JSON are those from before the wide
+    residual path (digests measured before it existed): no residual regions, no flag fields."""
+    from bct.hw.program import word_widths
+    prog = build_program(Config(), LayerShape(384, 12, 1536, 32, layers=6))
+    assert prog.digest == "7c2dfbd20028aee3"
+    assert build_program(Config(weight_block_size=64), LayerShape(64, 2, 128, 32, 2)).digest == (
+        "561d8e1770e0cb48")
+    assert word_widths(Config()) == {"amem": 264, "w_mant": 256, "w_exp": 8, "v_mant": 256,
+                                     "v_exp": 8}
+    j = prog.to_json()
+    assert all("residual" not in r for r in j["regions"].values())
+    assert all("a_res" not in o and "out2_base" not in o for o in j["ops"])
+
+
+def test_program_wide_residual_layout():
+    """``residual_bits``: the residual stream's regions are marked residual, an amem word holds
+    a 16-bit block, and the residual adds / LayerNorms / pool read and write them as
+    ``bct.model.integer.forward`` does (attention residual: the previous LayerNorm's residual
+    copy; FFN residual: attn_ln_wide; pool: the last out_wide)."""
+    from bct.hw.program import WIDE_STAGES, layer_stages, word_widths
+    cfg = Config(residual_bits=16)
+    prog = build_program(cfg, LayerShape(384, 12, 1536, 32, layers=2))
+    R = prog.regions
+    assert word_widths(cfg)["amem"] == 32 * 16 + 8
+    assert layer_stages(cfg) == STAGES + WIDE_STAGES and layer_stages(Config()) == STAGES
+    res = {n for n, r in R.items() if r.residual}
+    assert res == {"x_wide", "attn_res", "attn_ln_wide", "ffn_res", "embedding", "out0_wide",
+                   "out1_wide"}
+    assert prog.region_format("ffn_res") == cfg.residual_format
+    assert prog.region_format("out1") == cfg.act_format
+    assert prog.stage_region(1, "out_wide").name == "out1_wide"
+    spans = sorted((r.base, r.base + r.words) for r in R.values() if r.memory == "amem")
+    assert spans[0][0] == 0 and spans[-1][1] == prog.depth["amem"]
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    ops = {o["note"]: o for o in prog.ops}
+    for i, xr in ((0, "x_wide"), (1, "out0_wide")):
+        add, ln = ops[f"layer{i}.attn_res"], ops[f"layer{i}.attn_ln"]
+        assert (add["a_base"], add["b_base"], add["out_base"]) == (
+            R["attn_out"].base, R[xr].base, R["attn_res"].base)
+        assert (add["a_res"], add["b_res"], add["o_res"], add["dual"]) == (0, 1, 1, 0)
+        assert (ln["a_base"], ln["a_res"], ln["dual"], ln["out_base"], ln["out2_base"]) == (
+            R["attn_res"].base, 1, 1, R["attn_ln"].base, R["attn_ln_wide"].base)
+        f, out = ops[f"layer{i}.ffn_res"], ops[f"layer{i}.out"]
+        assert (f["a_base"], f["b_base"], f["b_res"], f["o_res"]) == (
+            R["ffn2"].base, R["attn_ln_wide"].base, 1, 1)
+        assert (out["out_base"], out["out2_base"], out["dual"]) == (
+            R[f"out{i}"].base, R[f"out{i}_wide"].base, 1)
+        assert ops[f"layer{i}.q"]["a_base"] == (R["x"] if i == 0 else R["out0"]).base
+    pool = ops["embedding"]
+    assert (pool["a_base"], pool["a_res"], pool["o_res"]) == (R["out1_wide"].base, 1, 1)
+    j = prog.to_json()
+    assert j["regions"]["ffn_res"]["residual"] and "residual" not in j["regions"]["q"]
+    assert json.loads(json.dumps(j)) == j and j["config_hash"] == cfg.hash
 
 
 def test_stage_words_layout(tiny):
@@ -392,6 +450,38 @@ def test_one_layer_real_sentence(minilm, tmp_path):
     assert r["mac_beats"] == 32 * (4 * 384 * 384 + 2 * 384 * 1536 + 24 * 32 * 32) // 64
     assert r["utilisation"] >= 0.8, r["utilisation"]
     assert [o["op"] for o in r["ops"]][:3] == ["layer0.q", "layer0.k", "layer0.v"]
+
+
+#: The wide residual path on a small accelerator: residual blocks of 16 bits, blocks of 8, a
+#: 4 x 4 array (the block-8 config that lifts the sentence-embedding cosine, at a tiny size).
+WIDE = Config(block_size=8, residual_bits=16, array_rows=4, array_cols=4)
+
+
+def test_two_layers_wide_residual_path(tmp_path):
+    """Two layers of a tiny random BERT with ``residual_bits=16`` (blocks of 8, 4 x 4 array),
+    12 valid tokens of 16: every stage == the model's trace, each in its own format: the
+    residual sums (``attn_res``, ``ffn_res``) and the LayerNorms' residual copies
+    (``attn_ln_wide``, each layer's ``out_wide``; layer 1's residual adds read layer 0's) in
+    16-bit blocks, the activation copies in 8-bit blocks, the pool (of ``out_wide``) == the
+    model's sentence embedding."""
+    from bct.hw.program import WIDE_STAGES, word_widths
+    from bct.model.integer import trace
+    cfg = WIDE
+    qm = quantize(_tiny(hidden=32, heads=2, ffn=64, layers=2), cfg)
+    ids = np.arange(1, 13)[None]
+    enc = Encoding(ids, np.zeros_like(ids), np.ones_like(ids))
+    st = trace(qm, enc)
+    assert st["layer1.out_wide"].fmt == cfg.residual_format and word_widths(cfg)["amem"] == 8 * 16 + 8
+    r = simulate(qm, enc, layers=2, work_dir=tmp_path / "w", trace=st)
+    assert r["bit_exact"] and not r["mismatches"], r["mismatches"]
+    assert set(r["stages"]) == ({f"layer1.{s}" for s in STAGES + WIDE_STAGES}
+                                | {"layer0.out", "layer0.out_wide", "layer1.vt", "embedding"})
+    assert all(r["stages"].values())
+    data = json.loads((tmp_path / "w" / "data.json").read_text())
+    assert data["fmts"]["layer1.ffn_res"] == data["fmts"]["embedding"] == [16, 8, 8]
+    assert data["fmts"]["layer1.out"] == data["fmts"]["layer1.q"] == [8, 8, 8]
+    # every MAC of the two layers on the 16 PEs: 16 x (4 * 32 * 32 + 2 * 32 * 64 + 2 * 2 * 16 * 16)
+    assert r["mac_beats"] == 2 * 16 * (4 * 32 * 32 + 2 * 32 * 64 + 4 * 16 * 16) // 16
 
 
 @pytest.mark.slow
