@@ -344,10 +344,11 @@ def test_simulation_refuses_bad_images(tiny, tmp_path, monkeypatch):
 # The pool engine alone (Amaranth simulator): LayerAccelerator._pool and the blockifier
 
 
-def _run_pool(seq_len, seed, H=64, T=32):
+def _run_pool(seq_len, seed, H=64, T=32, cfg=None):
     """Run the ``pool`` op of a one-layer program on random blocks (varied exponents, one
-    all-zero block) held in ``out0``; returns the blocks written, their addresses, the
-    cycles from the op's start to the last block, and the model's ``mean_pool``."""
+    all-zero block) held in ``out0`` (on the wide residual path: residual-format blocks in
+    ``out0_wide``); returns the blocks written, their addresses, the cycles from the op's
+    start to the last block, and the model's ``mean_pool``."""
     from amaranth import Module, Signal, signed, unsigned
     from amaranth.lib import data
     from amaranth.lib.memory import Memory
@@ -360,21 +361,23 @@ def _run_pool(seq_len, seed, H=64, T=32):
     from bct.model.integer import mean_pool
     from bct.sim.bits import unpack_block
 
-    cfg = Config()
+    cfg = cfg or Config()
+    wide_path = cfg.residual_bits is not None
     B, af = cfg.block_size, cfg.act_format
+    xf = cfg.residual_format  # == af unless wide_path
     prog = build_program(cfg, LayerShape(H, 2, 128, T))
     acc = LayerAccelerator(prog, {})
     acc._MustUse__silence = True  # only its _pool engine is elaborated here
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, T, H)) * 2.0 ** rng.integers(-5, 5, (1, T, H // B)).repeat(B, -1)
     x[0, 3, :B] = 0
-    xt = encode(x, af)
+    xt = encode(x, xf)
     want = mean_pool(xt, (np.arange(T) < seq_len)[None], cfg)
-    src, words = prog.regions["out0"], [0] * prog.depth["amem"]
+    src, words = prog.regions["out0_wide" if wide_path else "out0"], [0] * prog.depth["amem"]
     for t in range(T):
         for j in range(H // B):
             words[src.base + t * src.blocks + j] = pack_word(
-                xt.blocks[0, t, j].tolist(), int(xt.exp[0, t, j]), af.bits, af.exp_bits)
+                xt.blocks[0, t, j].tolist(), int(xt.exp[0, t, j]), xf.bits, xf.exp_bits)
     m = Module()
     m.submodules.amem = amem = Memory(shape=unsigned(acc.widths["amem"]), depth=len(words),
                                       init=words)
@@ -386,13 +389,18 @@ def _run_pool(seq_len, seed, H=64, T=32):
     m.d.comb += [wa.eq(ra.data), op.eq(acc.op_layout.const(
         {k: (OPS[v] if k == "kind" else v) for k, v in pool.items() if k in acc.op_layout.members}))]
     wide = max(cfg.acc_bits, cfg.add_bits, cfg.ln_out_bits, cfg.softmax_out_frac + 2)
-    m.submodules.blk = blk = Blockifier(cfg, wide, _exp_width(cfg), af)
+    m.submodules.blk = blk = Blockifier(cfg, wide, _exp_width(cfg), af,
+                                        wide=xf if wide_path else None)
+    bk_wide = Signal() if wide_path else None
+    if wide_path:
+        m.d.comb += blk.i.payload.wide.eq(bk_wide)
     start, active, sl = Signal(), Signal(), Signal(range(T + 1))
     bk_valid, bk_value = Signal(), Signal(data.ArrayLayout(signed(wide), B))
     bk_scale, bk_addr, bk_ready = Signal(signed(_exp_width(cfg))), Signal(acc.abits), Signal()
     m.d.comb += [bk_ready.eq(blk.i.ready), blk.i.valid.eq(bk_valid), blk.o.ready.eq(1),
                  blk.i.payload.value.eq(bk_value), blk.i.payload.scale.eq(bk_scale)]
-    acc._pool(m, op, start, active, ra, wa, bk_valid, bk_value, bk_scale, bk_addr, bk_ready, sl)
+    acc._pool(m, op, start, active, ra, wa, bk_valid, bk_value, bk_scale, bk_addr, bk_ready, sl,
+              bk_wide)
     out, addrs, cycles = [], [], []
 
     async def bench(ctx):
@@ -405,8 +413,8 @@ def _run_pool(seq_len, seed, H=64, T=32):
             if ctx.get(bk_valid) and ctx.get(bk_ready):
                 addrs.append(ctx.get(bk_addr))
             if ctx.get(blk.o.valid):
-                out.append(unpack_block(ctx.get(blk.o.payload.as_value()), af.bits,
-                                        af.exp_bits, B))
+                out.append(unpack_block(ctx.get(blk.o.payload.as_value()), xf.bits,
+                                        xf.exp_bits, B))
                 if len(out) == H // B:
                     cycles.append(c + 1)
                     return
@@ -429,6 +437,20 @@ def test_pool_engine_matches_mean_pool(seq_len, seed):
     assert [(list(mm), e) for mm, e in out] == [
         (want.blocks[0, j].tolist(), int(want.exp[0, j])) for j in range(2)]
     assert cycles and cycles[0] < 2 * (max(seq_len, 1) * 3 + 30)
+
+
+@pytest.mark.parametrize("seq_len, seed", [(20, 4), (1, 5), (0, 6)])
+def test_pool_engine_wide_residual(seq_len, seed):
+    """On the wide residual path the pool reads residual-format (16-bit) blocks of
+    ``out0_wide`` and writes ``mean_pool`` in the residual format."""
+    cfg = Config(residual_bits=16)
+    out, addrs, cycles, want, prog = _run_pool(seq_len, seed, cfg=cfg)
+    assert want.fmt == cfg.residual_format
+    assert seq_len == 0 or np.abs(want.mant).max() > 127  # beyond the activation format
+    base = prog.regions["embedding"].base
+    assert addrs == [base, base + 1]
+    assert [(list(mm), e) for mm, e in out] == [
+        (want.blocks[0, j].tolist(), int(want.exp[0, j])) for j in range(2)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -522,6 +544,48 @@ def test_one_layer_w4_weight_words(tmp_path):
     assert r["bit_exact"] and not r["mismatches"], r["mismatches"]
     assert set(r["stages"]) == {f"layer0.{s}" for s in STAGES} | {"layer0.vt", "embedding"}
     assert r["mac_beats"] == 32 * (4 * 384 * 384 + 2 * 384 * 1536 + 24 * 32 * 32) // 64
+
+
+def _minilm_at(cfg):
+    from bct.model.checkpoint import load_bert, load_tokenizer
+    try:
+        w, tok = load_bert(), load_tokenizer()
+    except Exception as e:  # pragma: no cover - the package is a test dependency
+        pytest.skip(f"all-MiniLM-L6-v2 not available: {e}")
+    return quantize(w, cfg), tok.encode([SENTENCE], max_len=32)
+
+
+@pytest.mark.slow
+@SLOW
+def test_one_layer_wide_residual_minilm(tmp_path):
+    """Layer 0 of all-MiniLM-L6-v2 with ``residual_bits=16`` (the config that closes the MRPC
+    target): every stage incl. the 16-bit residual sums and LayerNorm copies, and the pool of
+    ``out_wide``, == the model; the same array beats as the default config."""
+    from bct.hw.program import WIDE_STAGES
+    qm, enc = _minilm_at(Config(residual_bits=16))
+    r = simulate(qm, enc, layers=1, work_dir=tmp_path)
+    assert r["bit_exact"] and not r["mismatches"], r["mismatches"]
+    assert set(r["stages"]) == ({f"layer0.{s}" for s in STAGES + WIDE_STAGES}
+                                | {"layer0.vt", "embedding"})
+    assert r["mac_beats"] == 32 * (4 * 384 * 384 + 2 * 384 * 1536 + 24 * 32 * 32) // 64
+
+
+@pytest.mark.slow
+@SLOW
+def test_six_layers_wide_residual_block8(tmp_path):
+    """All six layers of all-MiniLM-L6-v2 at the block-8 wide config of docs/arithmetic.md
+    section 10 (``block_size=8 weight_block_size=8 vector_bits=16 ln_out_frac=12
+    gelu_frac=12 residual_bits=16``): each layer's output and residual copy, every stage of
+    the last layer and the on-chip pool == the model's sentence embedding."""
+    from bct.model.integer import trace
+    cfg = Config(block_size=8, weight_block_size=8, vector_bits=16, ln_out_frac=12,
+                 gelu_frac=12, residual_bits=16)
+    qm, enc = _minilm_at(cfg)
+    st = trace(qm, enc)
+    r = simulate(qm, enc, layers=6, work_dir=tmp_path, trace=st)
+    assert r["bit_exact"] and all(r["stages"].values()), r["mismatches"]
+    assert {f"layer{i}.{s}" for i in range(6) for s in ("out", "out_wide")} | {
+        "embedding"} <= set(r["stages"])
 
 
 @pytest.mark.slow
