@@ -479,28 +479,34 @@ def test_one_layer_real_sentence(minilm, tmp_path):
 WIDE = Config(block_size=8, residual_bits=16, array_rows=4, array_cols=4)
 
 
-def test_two_layers_wide_residual_path(tmp_path):
+@pytest.mark.parametrize("cfg", [
+    pytest.param(WIDE, id="r16"),
+    # residual_guard_bits 4: residual blocks at the top of a row are shifted left
+    pytest.param(Config(block_size=8, residual_bits=12, array_rows=4, array_cols=4), id="r12",
+                 marks=[pytest.mark.slow, SLOW]),
+])
+def test_two_layers_wide_residual_path(cfg, tmp_path):
     """Two layers of a tiny random BERT with ``residual_bits=16`` (blocks of 8, 4 x 4 array),
     12 valid tokens of 16: every stage == the model's trace, each in its own format: the
     residual sums (``attn_res``, ``ffn_res``) and the LayerNorms' residual copies
     (``attn_ln_wide``, each layer's ``out_wide``; layer 1's residual adds read layer 0's) in
     16-bit blocks, the activation copies in 8-bit blocks, the pool (of ``out_wide``) == the
-    model's sentence embedding."""
+    model's sentence embedding. BCT_SLOW=1: the same with ``residual_bits=12``."""
     from bct.hw.program import WIDE_STAGES, word_widths
     from bct.model.integer import trace
-    cfg = WIDE
+    R = cfg.residual_bits
     qm = quantize(_tiny(hidden=32, heads=2, ffn=64, layers=2), cfg)
     ids = np.arange(1, 13)[None]
     enc = Encoding(ids, np.zeros_like(ids), np.ones_like(ids))
     st = trace(qm, enc)
-    assert st["layer1.out_wide"].fmt == cfg.residual_format and word_widths(cfg)["amem"] == 8 * 16 + 8
+    assert st["layer1.out_wide"].fmt == cfg.residual_format and word_widths(cfg)["amem"] == 8 * R + 8
     r = simulate(qm, enc, layers=2, work_dir=tmp_path / "w", trace=st)
     assert r["bit_exact"] and not r["mismatches"], r["mismatches"]
     assert set(r["stages"]) == ({f"layer1.{s}" for s in STAGES + WIDE_STAGES}
                                 | {"layer0.out", "layer0.out_wide", "layer1.vt", "embedding"})
     assert all(r["stages"].values())
     data = json.loads((tmp_path / "w" / "data.json").read_text())
-    assert data["fmts"]["layer1.ffn_res"] == data["fmts"]["embedding"] == [16, 8, 8]
+    assert data["fmts"]["layer1.ffn_res"] == data["fmts"]["embedding"] == [R, 8, 8]
     assert data["fmts"]["layer1.out"] == data["fmts"]["layer1.q"] == [8, 8, 8]
     # every MAC of the two layers on the 16 PEs: 16 x (4 * 32 * 32 + 2 * 32 * 64 + 2 * 2 * 16 * 16)
     assert r["mac_beats"] == 2 * 16 * (4 * 32 * 32 + 2 * 32 * 64 + 4 * 16 * 16) // 16
