@@ -23,6 +23,12 @@
 * the controller: it fetches ops from a program ROM (:func:`bct.hw.program.build_program`) and
   runs one op at a time; an op ends when its last output block is written.
 
+On the wide residual path (``cfg.residual_bits``) an ``amem`` word holds a residual-format
+block, the residual adds and LayerNorm inputs align as ``bct.model.integer.residual_add`` (by
+each block's top bit), the blockifier picks the output format per block, each LayerNorm writes
+its output twice (activation copy, residual copy ``..._wide``) and the pool reads the residual
+copy (per-op flags from :func:`bct.hw.program.build_program`).
+
 Everything that depends on the activations is computed on chip: the row scales of every matmul
 (a scan of the row exponents before the op), the largest exponent of ``K`` and ``V`` (the
 second operand of the attention matmuls), the masks (from ``seq_len``); only weight-only
