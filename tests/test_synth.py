@@ -11,8 +11,8 @@ import pytest
 from bct.config import Config, ConfigError
 from bct.hw import REPLICA_ATTR
 from bct.hw.matmul import MatmulArray
-from bct.synth import (CELL_CLASSES, TARGETS, constraint_files, constraints, count_cells,
-                       run_unit, serial_wrapper)
+from bct.synth import (CELL_CLASSES, TARGETS, _run, constraint_files, constraints, count_cells,
+                       ripup_stalled, run_unit, serial_wrapper)
 
 ROOT = Path(__file__).parent.parent
 BASELINES_FILE = Path(__file__).parent / "synth_baselines.json"
@@ -32,6 +32,38 @@ def test_constraints_are_up_to_date():
     expected = constraint_files(Config())
     on_disk = {p.name: p.read_text() for p in (ROOT / "constraints").iterdir() if p.is_file()}
     assert on_disk == expected, "regenerate with: bct constraints --out constraints"
+
+
+def _router2_log(fails, overused=0):
+    """router2 progress lines, one per iteration, with the given failing-arc counts."""
+    return "".join(f"Info:     iter={i + 1} wires=265383 overused={overused} overuse={overused} "
+                   f"tmgfail={t} archfail=NA\n" for i, t in enumerate(fails))
+
+
+def test_ripup_stall_detection():
+    """Stalled only once ``window`` overuse-free iterations bring no arc count below the best
+    before them (the log of an 8x8 ECP5 run stuck at 12 failing arcs for 800 iterations)."""
+    assert ripup_stalled(_router2_log([30, 12] + [12] * 50), window=50)
+    assert not ripup_stalled(_router2_log([30, 12] + [12] * 49), window=50)  # too few
+    assert not ripup_stalled(_router2_log([30, 12] + [12] * 49 + [11]), window=50)  # progress
+    assert not ripup_stalled(_router2_log([30, 12] + [12] * 49 + [0]), window=50)  # converged
+    assert ripup_stalled(_router2_log([30, 12] + [13, 12] * 25), window=50)  # oscillating
+    # iterations with overused wires are still resolving congestion: not counted
+    assert not ripup_stalled(_router2_log([12] * 60, overused=3), window=50)
+    assert not ripup_stalled("Info: Routing complete.\n")
+
+
+def test_run_stops_a_stalled_tool(tmp_path):
+    """`_run` kills the tool when ``stop`` says so and returns ``returncode`` None; a tool that
+    ends on its own keeps its exit code."""
+    import sys
+    loop = "import time\nwhile True:\n    print('tmgfail=12', flush=True)\n    time.sleep(0.2)\n"
+    r = _run([sys.executable, "-c", loop], tmp_path, "loop.log", timeout=60,
+             stop=lambda text: text.count("tmgfail=12") >= 3)
+    assert r.returncode is None and r.stdout.count("tmgfail=12") >= 3
+    r = _run([sys.executable, "-c", "print('done'); raise SystemExit(3)"], tmp_path, "x.log",
+             timeout=60, stop=lambda text: False)
+    assert r.returncode == 3 and r.stdout == "done\n"
 
 
 def test_constraints_follow_the_config():
