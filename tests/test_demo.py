@@ -55,7 +55,7 @@ def test_demo_json_end_to_end(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("setting", ["residual_bits=16", "gelu_direct=true"])
+@pytest.mark.parametrize("setting", ["gelu_direct=true", "residual_bits=16 gelu_direct=true"])
 def test_demo_refuses_model_only_switches_first(setting, capsys, monkeypatch):
     """A config the layer accelerator does not implement is refused before the checkpoint is
     even loaded (status 2, the reason on stderr)."""
@@ -66,7 +66,8 @@ def test_demo_refuses_model_only_switches_first(setting, capsys, monkeypatch):
         raise AssertionError("the checkpoint was loaded before the refusal")
 
     monkeypatch.setattr(checkpoint, "load_bert", no_load)
-    assert main(["demo", "--set", setting]) == 2
+    args = [a for kv in setting.split() for a in ("--set", kv)]
+    assert main(["demo", *args]) == 2
     assert "the layer accelerator does not support" in capsys.readouterr().err
 
 
