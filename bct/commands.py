@@ -146,7 +146,10 @@ def _print_eval(r: dict) -> None:
     print(f"{r['task']} dev, {r['rows']} rows, model {r['model']}, config {r['config_hash']}")
     for m in r["fp32"]:
         print(f"  {m:<9} FP32 {100 * r['fp32'][m]:6.2f}   BCT {100 * r['bct'][m]:6.2f}   "
-              f"drop {r['drop_points'][m]:+.2f} points")
+              f"drop {r['drop_points'][m]:+.2f} points", end="")
+        b = r["drop_bootstrap"].get(m)
+        print(f" (bootstrap SE {b['se']:.2f}, 95% {b['ci95'][0]:+.2f}..{b['ci95'][1]:+.2f})"
+              if b else "")
     print(f"  agreement with FP32 {100 * r['agreement']:.2f}%")
     c = r["compression"]
     print(f"  compression {c['whole_model']:.3f}x whole model, {c['weights_embeddings']:.3f}x weights+embeddings")

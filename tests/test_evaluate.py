@@ -111,3 +111,39 @@ def test_refusals(ckpts, tmp_path):
     with pytest.raises(CheckpointError) as e:
         prepare("SST-2", ckpts[1], tmp_path)
     assert str(e.value) == f"{ckpts[1]} has 1 outputs, but SST-2 needs 2"
+
+
+def test_drop_bootstrap_is_paired():
+    """The bootstrap scores both models on the same resampled rows: identical predictions give
+    a drop of exactly 0 in every resample; BCT wrong on k rows where FP32 is right gives drops
+    >= 0 whose mean and spread are those of k/n (binomial); seeded."""
+    from bct.model.evaluate import drop_bootstrap
+
+    rng = np.random.default_rng(5)
+    n, k = 400, 12
+    labels = rng.integers(0, 2, n)
+    fp32 = labels.copy()
+    fp32[:40] ^= 1  # FP32 wrong on 40 rows
+    assert drop_bootstrap("SST-2", fp32, fp32, labels) == {
+        "accuracy": {"se": 0.0, "ci95": [0.0, 0.0], "resamples": 1000}}
+    bct = fp32.copy()
+    bct[100:100 + k] ^= 1  # BCT flips k rows FP32 has right
+    b = drop_bootstrap("SST-2", fp32, bct, labels)["accuracy"]
+    assert b["resamples"] == 1000 and b["ci95"][0] >= 0.0
+    p = k / n
+    assert abs(b["se"] - 100 * np.sqrt(p * (1 - p) / n)) < 0.1 * 100 * np.sqrt(p * (1 - p) / n)
+    assert b == drop_bootstrap("SST-2", fp32, bct, labels)["accuracy"]
+    assert b != drop_bootstrap("SST-2", fp32, bct, labels, seed=1)["accuracy"]
+    # MRPC reports both metrics, each with its own spread
+    assert set(drop_bootstrap("MRPC", fp32, bct, labels)) == {"accuracy", "f1"}
+
+
+def test_drop_bootstrap_skips_undefined_resamples():
+    """A correlation is undefined on a constant resample: such resamples are left out (and
+    counted), not an error."""
+    from bct.model.evaluate import drop_bootstrap
+
+    gold = np.array([0.0, 5.0, 2.5])
+    b = drop_bootstrap("STS-B", gold + 0.1, gold[::-1].copy(), gold, resamples=200)
+    assert set(b) == {"pearson", "spearman"}
+    assert 0 < b["pearson"]["resamples"] < 200  # 3 of 27 resamples draw one row 3 times
