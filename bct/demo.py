@@ -65,10 +65,6 @@ def run_demo(cfg, *, sentence: str = DEMO_SENTENCE, layers: int = 1, synth_repor
     import numpy as np
     import platformdirs
 
-    from bct.hw.program import check_supported
-
-    check_supported(cfg)  # before any minute is spent on quantizing and fidelity
-
     from bct.model import integer, reference
     from bct.model.checkpoint import load_bert, load_tokenizer
     from bct.sim.layer import simulate

@@ -1,4 +1,5 @@
-"""The GELU unit: one activation block in, its GELU as one activation block out, per cycle.
+"""The GELU unit: one activation block (or accumulator row) in, its GELU as one activation
+block out, per cycle.
 
 :class:`GeluUnit` is the hardware form of :func:`bct.model.nonlinear.gelu` (docs/arithmetic.md,
 section 4): conversion to fixed point, ``GELU(x) = max(x, 0) - h(|x|)`` with the correction
@@ -57,14 +58,25 @@ class GeluUnit(wiring.Component):
     for the way Amaranth writes Verilog; ``tests/test_hw_gelu.py`` runs the lint with exactly
     these.
 
+    With ``acc = (value_bits, scale_bits)`` the unit reads matmul accumulator rows instead
+    (``Config.gelu_direct``, :func:`bct.model.nonlinear.gelu_acc`): ``B`` signed
+    ``value_bits`` lanes with one row scale, converted by
+    :func:`~bct.model.nonlinear.fixed_to_frac` in stage 1 (the same rounding shifter with the
+    shift ``-(scale + gelu_frac)``: a right shift rounds half away from zero, a left shift
+    saturates at ``+-(2**(gelu_bits-1) - 1)``, which is exactly ``fixed_to_frac``'s
+    comparison before shifting); the rest of the pipeline is unchanged.
+
     Parameters
     ----------
     cfg : Config
+    acc : tuple of int, optional
+        ``(value_bits, scale_bits)``: the accumulator input (default: an activation block).
 
     Attributes
     ----------
     i, o : stream.Interface
-        In / out, :func:`bct.hw.layouts.block_layout` ``(cfg.act_format)``.
+        In: :func:`bct.hw.layouts.block_layout` ``(cfg.act_format)``, or with ``acc`` the
+        fields ``value`` (``B`` lanes) and ``scale``; out: an activation block.
     latency : int
         6 (register stages from ``i`` to ``o``).
     """
@@ -72,12 +84,20 @@ class GeluUnit(wiring.Component):
     front_latency = 3
     latency = front_latency + Blockifier.latency
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, acc=None):
         if not isinstance(cfg, Config):
             raise TypeError(f"cfg must be a Config, not {type(cfg).__name__}")
-        self.cfg = cfg
+        if acc is not None and not (isinstance(acc, tuple) and len(acc) == 2 and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in acc)):
+            raise ValueError(f"acc must be None or (value_bits, scale_bits), each an int >= 2, "
+                             f"not {acc!r}")
+        self.cfg, self.acc = cfg, acc
         layout = block_layout(cfg.act_format)
-        super().__init__({"i": In(stream.Signature(layout)), "o": Out(stream.Signature(layout))})
+        if acc is not None:  # gelu_direct: accumulator rows with their scale
+            layout = data.StructLayout({"value": data.ArrayLayout(signed(acc[0]), cfg.block_size),
+                                        "scale": signed(acc[1])})
+        super().__init__({"i": In(stream.Signature(layout)),
+                          "o": Out(stream.Signature(block_layout(cfg.act_format)))})
 
     def elaborate(self, platform):
         m = Module()
@@ -99,13 +119,18 @@ class GeluUnit(wiring.Component):
         load = pipeline_enables(m, self.i, blk.i, self.front_latency)
         m.d.comb += blk.i.payload.scale.eq(-cfg.gelu_frac)
 
-        # stage 1: to fixed point, saturated to gelu_bits
+        # stage 1: to fixed point, saturated to gelu_bits (a block: to_fixed of the mantissas
+        # at -(exp + gelu_frac); an accumulator row: fixed_to_frac at -(scale + gelu_frac))
         max_left = lim.bit_length()
-        code = shift_code(m, -(self.i.payload.exp + cfg.gelu_frac), max_left, fmt.bits + 1)
+        if self.acc is None:
+            lanes, shift, max_right = self.i.payload.mant, self.i.payload.exp, fmt.bits + 1
+        else:
+            lanes, shift, max_right = self.i.payload.value, self.i.payload.scale, self.acc[0] + 1
+        code = shift_code(m, -(shift + cfg.gelu_frac), max_left, max_right)
         x1 = Signal(data.ArrayLayout(signed(w), B))
         with m.If(load[0]):
-            m.d.sync += [x1[k].eq(round_shift_saturate(m, self.i.payload.mant[k], code,
-                                                        max_left, lim)) for k in range(B)]
+            m.d.sync += [x1[k].eq(round_shift_saturate(m, lanes[k], code, max_left, lim))
+                         for k in range(B)]
 
         # stage 2: |x|, segment, interpolation weight, table read
         lane2 = data.StructLayout({"pos": unsigned(w - 1), "lo": rom_layout["lo"].shape,

@@ -27,7 +27,10 @@ On the wide residual path (``cfg.residual_bits``) an ``amem`` word holds a resid
 block, the residual adds and LayerNorm inputs align as ``bct.model.integer.residual_add`` (by
 each block's top bit), the blockifier picks the output format per block, each LayerNorm writes
 its output twice (activation copy, residual copy ``..._wide``) and the pool reads the residual
-copy (per-op flags from :func:`bct.hw.program.build_program`).
+copy (per-op flags from :func:`bct.hw.program.build_program`). With ``cfg.gelu_direct`` an
+``mm`` op flagged ``gd`` (FFN1) hands each output block's accumulator lanes and row scale to
+the GELU unit (its accumulator input: ``fixed_to_frac`` to ``gelu_frac``) instead of the
+blockifier, and the unit's blocks are written to the ``gelu`` region (``gelu_acc``).
 
 Everything that depends on the activations is computed on chip: the row scales of every matmul
 (a scan of the row exponents before the op), the largest exponent of ``K`` and ``V`` (the
@@ -196,6 +199,8 @@ class LayerAccelerator(wiring.Component):
         self.wide = cfg.residual_bits is not None  # the wide residual path
         wide_fields = {"a_res": 1, "b_res": 1, "o_res": 1, "dual": 1,
                        "out2_base": unsigned(self.abits)} if self.wide else {}
+        if cfg.gelu_direct:  # an mm op whose accumulator rows go through the GELU unit
+            wide_fields["gd"] = 1
         self.op_layout = data.StructLayout({
             "kind": unsigned(3),
             "a_base": unsigned(self.abits), "a_stride": unsigned(8),
@@ -357,7 +362,9 @@ class LayerAccelerator(wiring.Component):
         # on the wide path the output format (activation / residual) is chosen per block
         m.submodules.blk = blk = Blockifier(cfg, wide, _exp_width(cfg), af,
                                             wide=cfg.residual_format if self.wide else None)
-        m.submodules.afifo = afifo = SyncFIFO(width=self.abits, depth=4)
+        gd = cfg.gelu_direct
+        # with gelu_direct the FFN1 blocks' addresses also wait out the GELU unit's 6 stages
+        m.submodules.afifo = afifo = SyncFIFO(width=self.abits, depth=8 if gd else 4)
         bk_valid = Signal()
         bk_value = Signal(data.ArrayLayout(signed(wide), B))
         bk_scale = Signal(signed(_exp_width(cfg)))
@@ -380,13 +387,28 @@ class LayerAccelerator(wiring.Component):
             blk_word = Mux(bo.wide, Cat(bo.mant.as_value(), bo.exp),
                            Cat(*(bo.mant[k][:af.bits] for k in range(B)), bo.exp))
         # write port sources: blockifier, GELU unit, V re-blocker, load port
-        m.submodules.gelu = gelu = GeluUnit(cfg)
+        m.submodules.gelu = gelu = GeluUnit(
+            cfg, acc=(cfg.acc_bits, _exp_width(cfg)) if gd else None)
         tr_we = Signal()
         tr_addr = Signal(self.abits)
         tr_word = Signal(alay)
         g_addr = Signal(self.abits)
-        with m.If(is_kind["gelu"]):
-            m.d.comb += [wp.en.eq(gelu.o.valid), wp.addr.eq(g_addr), wp.data.eq(gelu.o.payload)]
+        if gd:
+            # gelu_direct: an mm op flagged gd hands each output block (accumulator lanes and
+            # the row scale, before any blockifier) to the GELU unit instead of the blockifier;
+            # its address waits in the same FIFO
+            m.d.comb += [gelu.i.payload.scale.eq(bk_scale), gelu.o.ready.eq(1)]
+            m.d.comb += [gelu.i.payload.value[k].eq(bk_value[k]) for k in range(B)]
+            with m.If(op.gd):
+                m.d.comb += [bk_ready.eq(gelu.i.ready & afifo.w_rdy),
+                             gelu.i.valid.eq(bk_valid & afifo.w_rdy), blk.i.valid.eq(0),
+                             afifo.r_en.eq(gelu.o.valid)]
+            g_write, g_addr_sel = is_kind["mm"] & op.gd, afifo.r_data
+        else:
+            g_write, g_addr_sel = is_kind["gelu"], g_addr
+        with m.If(g_write):
+            m.d.comb += [wp.en.eq(gelu.o.valid), wp.addr.eq(g_addr_sel),
+                         wp.data.eq(gelu.o.payload)]
         with m.Elif(is_kind["transpose"]):
             m.d.comb += [wp.en.eq(tr_we), wp.addr.eq(tr_addr), wp.data.eq(tr_word)]
         with m.Elif(self.busy):
@@ -801,11 +823,12 @@ class LayerAccelerator(wiring.Component):
                          o_adv.eq(sm.o.valid & bk_ready)]
             m.d.comb += [bk_value[k].eq(sm.o.payload.p[k]) for k in range(B)]
 
-        # ---- GELU
-        with m.If(is_kind["gelu"]):
-            m.d.comb += [gelu.i.valid.eq(rf.r_rdy), rf.r_en.eq(gelu.i.ready),
-                         gelu.i.payload.eq(xa), gelu.o.ready.eq(1), g_addr.eq(o_addr),
-                         o_adv.eq(gelu.o.valid)]
+        # ---- GELU (with gelu_direct the FFN1 mm op feeds the unit instead, see elaborate)
+        if not cfg.gelu_direct:
+            with m.If(is_kind["gelu"]):
+                m.d.comb += [gelu.i.valid.eq(rf.r_rdy), rf.r_en.eq(gelu.i.ready),
+                             gelu.i.payload.eq(xa), gelu.o.ready.eq(1), g_addr.eq(o_addr),
+                             o_adv.eq(gelu.o.valid)]
 
         # ---- residual add and LayerNorm input: pass 0 scans the exponents, pass 1 aligns
         rmax = Signal(signed(EB))

@@ -19,6 +19,10 @@ kept in ``cfg.residual_format`` in regions marked :attr:`Region.residual` (``att
 LayerNorm also writes its residual copy from ``out2_base``). Without it, regions, ops and
 widths are exactly those of the activation-only accelerator.
 
+``cfg.gelu_direct`` (``bct.model.nonlinear.gelu_acc``): FFN1 and GELU are one ``mm`` op flagged
+``gd`` whose accumulator rows go through the GELU unit into the ``gelu`` region; there is no
+``ffn1`` region and no ``gelu`` row op. Without it, ops carry no ``gd`` field.
+
 Everything that depends only on the weights (the largest weight and bias exponent of each
 matrix) is folded into the program; everything that depends on the activations (row scales,
 the largest exponent of K and of the re-blocked V, masks from the sequence length) is computed
@@ -45,7 +49,7 @@ from bct.model.matmul import act_blocks
 
 __all__ = [
     "LayerShape", "Region", "Program", "ImageError", "OPS", "ROMS", "WIDE_STAGES",
-    "build_program", "check_images", "check_supported", "layer_stages", "pack_word",
+    "build_program", "check_images", "layer_stages", "pack_word",
     "weight_ratio", "word_widths",
 ]
 
@@ -115,8 +119,11 @@ class LayerShape:
 
 def layer_stages(cfg: Config) -> tuple:
     """The layer stages the accelerator writes for ``cfg``: :data:`STAGES`, plus
-    :data:`WIDE_STAGES` on the wide residual path."""
-    return STAGES + (WIDE_STAGES if cfg.residual_bits is not None else ())
+    :data:`WIDE_STAGES` on the wide residual path; with ``gelu_direct`` without ``ffn1`` (the
+    FFN1 op hands its accumulator rows straight to the GELU unit; the model traces ``ffn1``
+    only, no later stage reads it)."""
+    stages = STAGES + (WIDE_STAGES if cfg.residual_bits is not None else ())
+    return tuple(s for s in stages if not (cfg.gelu_direct and s == "ffn1"))
 
 
 @dataclass(frozen=True)
@@ -195,21 +202,6 @@ def _atomic_write(path: Path, text: str) -> Path:
     return path
 
 
-def check_supported(cfg: Config) -> None:
-    """Refuse a config whose arithmetic the layer accelerator does not implement (yet).
-
-    Raises
-    ------
-    ConfigError
-        For ``gelu_direct`` (the RTL's GELU reads activation blocks). The wide residual path
-        (``residual_bits``) is implemented.
-    """
-    if cfg.gelu_direct:
-        raise ConfigError(
-            "the layer accelerator does not support gelu_direct yet; only bct.model.integer runs it"
-        )
-
-
 def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
     """Memory map and op sequence of ``shape.layers`` encoder layers.
 
@@ -226,7 +218,6 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
     Program
     """
     shape.check(cfg)
-    check_supported(cfg)
     if qm is not None and len(qm.encoder) < shape.layers:
         raise ConfigError(f"the program runs {shape.layers} layers, the model has {len(qm.encoder)}")
     B = cfg.block_size
@@ -234,6 +225,7 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
     nbH, nbF, nbT, nbd = H // B, F // B, T // B, d // B
     prog = Program(cfg, shape)
     wide = cfg.residual_bits is not None
+    gd = cfg.gelu_direct  # FFN1 -> GELU in one op: no ffn1 region
     # the residual stream's regions on the wide path (residual format)
     res = {"x_wide", "attn_res", "attn_ln_wide", "ffn_res", "embedding"} if wide else set()
     res |= {f"out{i}_wide" for i in range(L)} if wide else set()
@@ -250,7 +242,8 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
                                ("context", T, nbH), ("attn_out", T, nbH), ("attn_res", T, nbH),
                                ("attn_ln", T, nbH), ("ffn1", T, nbF), ("gelu", T, nbF),
                                ("ffn2", T, nbH), ("ffn_res", T, nbH)):
-        region(name, "amem", rows, blocks)
+        if not (gd and name == "ffn1"):
+            region(name, "amem", rows, blocks)
     for i in range(L):
         region(f"out{i}", "amem", T, nbH)
     region("embedding", "amem", 1, nbH)
@@ -279,14 +272,16 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
              "note": ""}
         if wide:
             o.update(dict.fromkeys(_WIDE_FIELDS, 0))
+        if gd:
+            o["gd"] = 0
         o.update(kw)
         prog.ops.append(o)
 
-    def linear(i, x: Region, w: str, b: str, out: Region, note):
+    def linear(i, x: Region, w: str, b: str, out: Region, note, **kw):
         wr, br = R[f"layer{i}.{w}"], R[f"layer{i}.{b}"]
         op("mm", a_base=x.base, a_stride=x.blocks, w_base=wr.base, v_base=br.base, bias=1,
            ewmax=ex(i, w, "w"), ebmax=ex(i, b, "b"), rows=T, nbk=x.blocks, ncols=wr.rows,
-           out_base=out.base, out_stride=out.blocks, note=note)
+           out_base=out.base, out_stride=out.blocks, note=note, **kw)
 
     def rowop(kind, x: Region, out: Region, note, **kw):
         op(kind, a_base=x.base, a_stride=x.blocks, rows=x.rows, nbk=x.blocks,
@@ -330,8 +325,11 @@ def build_program(cfg: Config, shape: LayerShape, qm=None) -> Program:
               v_base=R[p + "attn_ln_g"].base, v2_base=R[p + "attn_ln_b"].base,
               **ln_f("attn_ln_wide"))
         hr = R["attn_ln_wide"] if wide else R["attn_ln"]
-        linear(i, R["attn_ln"], "ffn1_w", "ffn1_b", R["ffn1"], p + "ffn1")
-        rowop("gelu", R["ffn1"], R["gelu"], p + "gelu")
+        if gd:  # gelu_direct: FFN1's accumulator rows through the GELU unit (gelu_acc)
+            linear(i, R["attn_ln"], "ffn1_w", "ffn1_b", R["gelu"], p + "ffn1_gelu", gd=1)
+        else:
+            linear(i, R["attn_ln"], "ffn1_w", "ffn1_b", R["ffn1"], p + "ffn1")
+            rowop("gelu", R["ffn1"], R["gelu"], p + "gelu")
         linear(i, R["gelu"], "ffn2_w", "ffn2_b", R["ffn2"], p + "ffn2")
         rowop("add", R["ffn2"], R["ffn_res"], p + "ffn_res", b_base=hr.base, b_stride=nbH,
               **add_f)

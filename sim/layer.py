@@ -11,7 +11,9 @@ too: ``embedding`` is the model's own ``mean_pool`` of the last on-chip layer's 
 (:func:`pooled`; with every layer on chip it is checked to equal the trace's ``embedding``).
 On the wide residual path (``cfg.residual_bits``) the residual copies (``embed.ln_wide``,
 loaded with ``embed.ln``; ``attn_ln_wide``, ``out_wide``) are compared too, each stage in its
-own block format, and the pool is that of ``out_wide``.
+own block format, and the pool is that of ``out_wide``. With ``cfg.gelu_direct`` the FFN1 op
+hands its accumulator rows to the GELU unit: ``ffn1`` (traced by the model only, read by no
+later stage) is not written on chip and not compared (:func:`bct.hw.program.layer_stages`).
 
 :func:`stage_words` / :func:`compare_words` are shared by the host and the testbench.
 """

@@ -55,22 +55,6 @@ def test_demo_json_end_to_end(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("setting", ["gelu_direct=true", "residual_bits=16 gelu_direct=true"])
-def test_demo_refuses_model_only_switches_first(setting, capsys, monkeypatch):
-    """A config the layer accelerator does not implement is refused before the checkpoint is
-    even loaded (status 2, the reason on stderr)."""
-    from bct.cli import main
-    from bct.model import checkpoint
-
-    def no_load(*args, **kwargs):
-        raise AssertionError("the checkpoint was loaded before the refusal")
-
-    monkeypatch.setattr(checkpoint, "load_bert", no_load)
-    args = [a for kv in setting.split() for a in ("--set", kv)]
-    assert main(["demo", *args]) == 2
-    assert "the layer accelerator does not support" in capsys.readouterr().err
-
-
 def test_demo_refuses_foreign_images(tmp_path, capsys):
     """`bct demo --images DIR` refuses, before any simulation, images of another config and
     images of another checkpoint, with a clear error and status 2."""

@@ -117,3 +117,94 @@ def test_gelu_parameter_check_and_lint(tmp_path):
     verilog = build_verilog(unit, name="gelu", base_dir=tmp_path)
     result = lint(verilog, list(LINT_WAIVERS))
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _run_gelu_acc(cfg, value, scale, seed):
+    """The accumulator-input GeluUnit (``gelu_direct``) on the Amaranth simulator: one row of
+    ``B`` lanes and its scale per beat, random input gaps and output stalls (seeded); returns
+    the output blocks ``(mant, exp)`` in order."""
+    from amaranth.sim import Simulator
+
+    from bct.hw.layer import _exp_width
+    from bct.sim.bits import unpack_block
+
+    fmt, B = cfg.act_format, cfg.block_size
+    unit = GeluUnit(cfg, acc=(cfg.acc_bits, _exp_width(cfg)))
+    rng = np.random.default_rng(seed)
+    out = []
+
+    async def feed(ctx):
+        for row, s in zip(value.tolist(), scale.tolist()):
+            while rng.random() < 0.2:  # a gap
+                ctx.set(unit.i.valid, 0)
+                await ctx.tick()
+            ctx.set(unit.i.valid, 1)
+            ctx.set(unit.i.payload.scale, s)
+            for k in range(B):
+                ctx.set(unit.i.payload.value[k], row[k])
+            await ctx.tick().until(unit.i.ready)
+        ctx.set(unit.i.valid, 0)
+
+    async def drain(ctx):
+        while len(out) < len(value):
+            ready = int(rng.random() >= 0.3)  # a stall
+            ctx.set(unit.o.ready, ready)
+            await ctx.delay(1e-9)  # settle before sampling the handshake
+            if ready and ctx.get(unit.o.valid):
+                out.append(unpack_block(ctx.get(unit.o.payload.as_value()), fmt.bits,
+                                        fmt.exp_bits, B))
+            await ctx.tick()
+
+    sim = Simulator(unit)
+    sim.add_clock(1e-8)
+    sim.add_testbench(feed)
+    sim.add_testbench(drain)
+    sim.run()
+    return np.array([m for m, _ in out]), np.array([e for _, e in out])
+
+
+@pytest.mark.parametrize("cfg, seed", [
+    pytest.param(Config(gelu_direct=True), 31, id="default"),
+    pytest.param(Config(block_size=8, weight_block_size=8, vector_bits=16, ln_out_frac=12,
+                        gelu_frac=12, residual_bits=16, gelu_direct=True), 32, id="b8-g12"),
+])
+def test_gelu_acc_input_matches_model(cfg, seed):
+    """``gelu_direct``: the unit's accumulator input (``B`` lanes of ``acc_bits`` and a row
+    scale) == :func:`bct.model.nonlinear.gelu_acc` (``fixed_to_frac`` to ``gelu_frac``: RHAZ
+    right shifts incl. ties and shifts past the lane width, saturating left shifts, lanes at
+    the accumulator's extremes) under input gaps and output stalls."""
+    from bct.hw.layer import _exp_width
+    from bct.model.matmul import Fixed
+    from bct.model.nonlinear import gelu_acc
+
+    B, lim = cfg.block_size, (1 << (cfg.acc_bits - 1)) - 1
+    smax = (1 << (_exp_width(cfg) - 1)) - 1
+    rng = np.random.default_rng(seed)
+    rows, scales = [], []
+    for _ in range(150):  # values of every magnitude, scales around -gelu_frac
+        bits = int(rng.integers(1, cfg.acc_bits))
+        rows.append(rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), B, endpoint=True)
+                    * (rng.random(B) < 0.9))
+        scales.append(int(rng.integers(-cfg.gelu_frac - bits - 2, cfg.gelu_int_bits + 2)))
+    for s in (-smax - 1, -cfg.gelu_frac - cfg.acc_bits - 2, -cfg.gelu_frac - 1, -cfg.gelu_frac,
+              -cfg.gelu_frac + 1, 0, cfg.gelu_bits, smax):  # extremes of the scale
+        rows.append(np.array([lim, -lim, 1, -1, 0, 3, -3, lim // 3] * (B // 8)))
+        scales.append(s)
+    for s in (1, 2, 5):  # ties at .5 of the right shift
+        rows.append((2 * rng.integers(-1000, 1000, B) + 1) << (s - 1))
+        scales.append(-cfg.gelu_frac + s)
+    value, scale = np.stack(rows).astype(np.int64), np.array(scales, dtype=np.int64)
+    want = gelu_acc(Fixed(value, scale), cfg)
+    mant, exp = _run_gelu_acc(cfg, value, scale, seed)
+    assert (mant == want.mant).all() and (exp == want.exp[:, 0]).all()
+    assert (np.abs(want.mant) == cfg.act_format.qmax).any() and (want.mant == 0).any()
+
+
+def test_gelu_acc_parameter_check():
+    for bad in ((35,), (35, 1), (35.0, 8), [35, 8], (True, 8)):
+        with pytest.raises(ValueError, match=r"^acc must be None or \(value_bits, scale_bits\), "
+                                             r"each an int >= 2, not "):
+            GeluUnit(Config(gelu_direct=True), acc=bad)
+    unit = GeluUnit(Config(), acc=(35, 12))
+    unit._MustUse__silence = True
+    assert unit.latency == 6 and unit.acc == (35, 12)

@@ -106,16 +106,33 @@ def test_program_refuses_shapes(shape, message):
         build_program(Config(), shape)
 
 
-def test_program_refuses_gelu_direct_only():
-    """``gelu_direct`` is refused (the RTL's GELU reads activation blocks); the wide residual
-    path is not."""
-    shape = LayerShape(384, 12, 1536, 32)
-    for cfg in (Config(gelu_direct=True), Config(gelu_direct=True, residual_bits=16)):
-        with pytest.raises(ConfigError,
-                           match="the layer accelerator does not support gelu_direct yet"):
-            build_program(cfg, shape)
-    assert build_program(Config(), shape).cfg == Config()
-    assert build_program(Config(residual_bits=16), shape).cfg == Config(residual_bits=16)
+@pytest.mark.parametrize("residual_bits", [None, 16])
+def test_program_gelu_direct_layout(residual_bits):
+    """``gelu_direct`` (alone and with the wide residual path): FFN1 and GELU are one ``mm``
+    op flagged ``gd`` writing the ``gelu`` region from the accumulator (no ``ffn1`` region, no
+    ``gelu`` row op, ``ffn1`` not among the stages the accelerator writes); every other op and
+    region is the program's without the switch."""
+    from bct.hw.program import layer_stages
+    shape = LayerShape(384, 12, 1536, 32, layers=2)
+    base_cfg = Config(residual_bits=residual_bits)
+    cfg = Config(residual_bits=residual_bits, gelu_direct=True)
+    prog, base = build_program(cfg, shape), build_program(base_cfg, shape)
+    assert "ffn1" not in prog.regions and "ffn1" not in layer_stages(cfg)
+    assert layer_stages(cfg) == tuple(s for s in layer_stages(base_cfg) if s != "ffn1")
+    assert "gelu" not in [o["kind"] for o in prog.ops]
+    ops = {o["note"]: o for o in prog.ops}
+    for i in range(2):
+        f = ops[f"layer{i}.ffn1_gelu"]
+        assert f["gd"] == 1 and f["kind"] == "mm" and f["bias"] == 1
+        assert (f["a_base"], f["out_base"], f["out_stride"], f["ncols"]) == (
+            prog.regions["attn_ln"].base, prog.regions["gelu"].base, 48, 1536)
+        assert ops[f"layer{i}.ffn2"]["a_base"] == prog.regions["gelu"].base
+    assert sum(o["gd"] for o in prog.ops) == 2 and len(prog.ops) == len(base.ops) - 2
+    spans = sorted((r.base, r.base + r.words) for r in prog.regions.values() if r.memory == "amem")
+    assert spans[0][0] == 0 and spans[-1][1] == prog.depth["amem"]
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert prog.depth["amem"] == base.depth["amem"] - 32 * 48
+    assert all("gd" not in o for o in base.ops)
 
 
 def test_program_default_unchanged_by_the_wide_path():
@@ -512,6 +529,35 @@ def test_two_layers_wide_residual_path(cfg, tmp_path):
     assert r["mac_beats"] == 2 * 16 * (4 * 32 * 32 + 2 * 32 * 64 + 4 * 16 * 16) // 16
 
 
+@pytest.mark.parametrize("cfg", [
+    pytest.param(Config(block_size=8, array_rows=4, array_cols=4, gelu_direct=True), id="gd"),
+    pytest.param(Config(block_size=8, residual_bits=16, array_rows=4, array_cols=4,
+                        gelu_direct=True), id="gd-r16"),
+])
+def test_two_layers_gelu_direct(cfg, tmp_path):
+    """``gelu_direct``: two layers of a tiny random BERT (blocks of 8, 4 x 4 array), 12 valid
+    tokens of 16; FFN1's accumulator rows go through the GELU unit (``gelu_acc``): every stage
+    the accelerator writes (all of the trace's but ``ffn1``, which the model traces only), each
+    layer's output and the pool == the trace; the trace's ``gelu`` is not GELU of its ``ffn1``
+    blocks (so the direct path is what is checked)."""
+    from bct.hw.program import layer_stages
+    from bct.model.integer import trace
+    from bct.model.nonlinear import gelu
+    qm = quantize(_tiny(hidden=32, heads=2, ffn=64, layers=2), cfg)
+    ids = np.arange(1, 13)[None]
+    enc = Encoding(ids, np.zeros_like(ids), np.ones_like(ids))
+    st = trace(qm, enc)
+    assert (gelu(st["layer1.ffn1"], cfg).mant != st["layer1.gelu"].mant).any()
+    r = simulate(qm, enc, layers=2, work_dir=tmp_path / "w", trace=st)
+    assert r["bit_exact"] and not r["mismatches"], r["mismatches"]
+    outs = ("out", "out_wide") if cfg.residual_bits else ("out",)
+    assert set(r["stages"]) == ({f"layer1.{s}" for s in layer_stages(cfg)} | {
+        f"layer0.{s}" for s in outs} | {"layer1.vt", "embedding"})
+    assert "layer1.gelu" in r["stages"] and "layer1.ffn1" not in r["stages"]
+    assert all(r["stages"].values())
+    assert r["mac_beats"] == 2 * 16 * (4 * 32 * 32 + 2 * 32 * 64 + 4 * 16 * 16) // 16
+
+
 @pytest.mark.slow
 @SLOW
 def test_six_layers_real_sentence(minilm, tmp_path):
@@ -592,6 +638,25 @@ def test_six_layers_wide_residual_block8(tmp_path):
     assert r["bit_exact"] and all(r["stages"].values()), r["mismatches"]
     assert {f"layer{i}.{s}" for i in range(6) for s in ("out", "out_wide")} | {
         "embedding"} <= set(r["stages"])
+
+
+@pytest.mark.slow
+@SLOW
+def test_six_layers_gelu_direct_block8(tmp_path):
+    """All six layers of all-MiniLM-L6-v2 at the block-8 wide config with ``gelu_direct``
+    (docs/arithmetic.md section 10, embedding cosine 0.99956): every stage the accelerator
+    writes, each layer's output and residual copy and the on-chip pool == the model."""
+    from bct.hw.program import layer_stages
+    from bct.model.integer import trace
+    cfg = Config(block_size=8, weight_block_size=8, vector_bits=16, ln_out_frac=12,
+                 gelu_frac=12, residual_bits=16, gelu_direct=True)
+    qm, enc = _minilm_at(cfg)
+    st = trace(qm, enc)
+    r = simulate(qm, enc, layers=6, work_dir=tmp_path, trace=st)
+    assert r["bit_exact"] and all(r["stages"].values()), r["mismatches"]
+    assert {f"layer{i}.{s}" for i in range(6) for s in ("out", "out_wide")} | {
+        f"layer5.{s}" for s in layer_stages(cfg)} | {"embedding"} <= set(r["stages"])
+    assert "layer5.ffn1" not in r["stages"]
 
 
 @pytest.mark.slow
