@@ -200,7 +200,11 @@ def test_gelu_acc_input_matches_model(cfg, seed):
     assert (np.abs(want.mant) == cfg.act_format.qmax).any() and (want.mant == 0).any()
 
 
-def test_gelu_acc_parameter_check():
+def test_gelu_acc_parameter_check_and_lint(tmp_path):
+    verilog = build_verilog(GeluUnit(Config(gelu_direct=True), acc=(35, 12)), name="gelu_acc",
+                            base_dir=tmp_path)
+    result = lint(verilog, list(LINT_WAIVERS))
+    assert result.returncode == 0, result.stderr[-3000:]
     for bad in ((35,), (35, 1), (35.0, 8), [35, 8], (True, 8)):
         with pytest.raises(ValueError, match=r"^acc must be None or \(value_bits, scale_bits\), "
                                              r"each an int >= 2, not "):
