@@ -228,6 +228,47 @@ class _ECP5Platform:
             **ports)
         m.d.comb += out.eq(P[:len(out)])
 
+    @staticmethod
+    def simulation_models() -> str:
+        """Verilog model of ``MULT18X18D`` as :meth:`registered_multiplier` configures it, for
+        simulating the hooked RTL (Yosys ships only a black box): signed 18 x 18 bits, input
+        registers on ``CLK0`` / ``CE0`` with synchronous reset ``RST0``, the product register
+        on ``CLK0`` / ``CE0`` with synchronous reset ``RST1``, no pipeline register; any other
+        parameter value stops the simulation."""
+        def bus(name, n):
+            return "{" + ", ".join(f"{name}{k}" for k in reversed(range(n))) + "}"
+        ports = ([f"A{k}" for k in range(18)] + [f"B{k}" for k in range(18)]
+                 + [f"C{k}" for k in range(18)]
+                 + ["SIGNEDA", "SIGNEDB", "SOURCEA", "SOURCEB", "CLK0", "CE0", "RST0", "RST1"])
+        params = {"REG_INPUTA_CLK": "CLK0", "REG_INPUTA_CE": "CE0", "REG_INPUTA_RST": "RST0",
+                  "REG_INPUTB_CLK": "CLK0", "REG_INPUTB_CE": "CE0", "REG_INPUTB_RST": "RST0",
+                  "REG_OUTPUT_CLK": "CLK0", "REG_OUTPUT_CE": "CE0", "REG_OUTPUT_RST": "RST1",
+                  "GSR": "DISABLED", "MULT_BYPASS": "DISABLED", "RESETMODE": "SYNC",
+                  "SOURCEB_MODE": "B_SHIFT", "CLK0_DIV": "ENABLED"}
+        decl = "".join(f'  parameter {k} = "{v}";\n' for k, v in params.items())
+        check = " || ".join(f'{k} != "{v}"' for k, v in params.items())
+        return f"""
+// bct-gen simulation model of the ECP5 MULT18X18D as bct.synth's registered_multiplier uses it
+module MULT18X18D ({", ".join(ports)}, {", ".join(f"P{k}" for k in range(36))});
+  input {", ".join(ports)};
+  output {", ".join(f"P{k}" for k in range(36))};
+{decl}  reg signed [17:0] ra, rb;
+  reg signed [35:0] rp;
+  always @(posedge CLK0) begin
+    if ({check} || SIGNEDA !== 1'b1 || SIGNEDB !== 1'b1 || SOURCEA !== 1'b0
+        || SOURCEB !== 1'b0) begin
+      $display("MULT18X18D model: unsupported configuration"); $finish;
+    end
+    if (CE0) begin
+      ra <= RST0 ? 18'sd0 : $signed({bus("A", 18)});
+      rb <= RST0 ? 18'sd0 : $signed({bus("B", 18)});
+      rp <= RST1 ? 36'sd0 : ra * rb;
+    end
+  end
+  assign {bus("P", 36)} = rp;
+endmodule
+"""
+
 
 def _platform(target: Target):
     return _ECP5Platform() if target.family == "ecp5" else None

@@ -66,7 +66,8 @@ def default_base_dir() -> Path:
 
 
 def build_verilog(component: wiring.Component, *, name: str = "top",
-                  config_hash: str | None = None, base_dir: Path | None = None) -> Path:
+                  config_hash: str | None = None, base_dir: Path | None = None,
+                  platform=None, models: str = "") -> Path:
     """Convert a component to Verilog and write it into its own build directory.
 
     Parameters
@@ -80,6 +81,12 @@ def build_verilog(component: wiring.Component, *, name: str = "top",
         RTL can be traced back to the configuration that produced it.
     base_dir : pathlib.Path, optional
         Cache root; `default_base_dir` when omitted.
+    platform : optional
+        Passed to Amaranth's ``elaborate`` (e.g. a synthesis platform whose hooks instantiate
+        device primitives, `bct.synth`).
+    models : str
+        Verilog appended to the design: simulation models of the primitives ``platform``
+        instantiates.
 
     Returns
     -------
@@ -90,7 +97,8 @@ def build_verilog(component: wiring.Component, *, name: str = "top",
     header = f"// bct-gen config {config_hash or 'none'} top {name}\n"
     # emit_src=False: no source line numbers in the Verilog, so an edit elsewhere in a
     # generator file does not change the cache key of an unchanged design
-    text = header + verilog.convert(component, name=name, emit_src=False)
+    text = header + verilog.convert(component, name=name, platform=platform,
+                                    emit_src=False) + models
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     path = Path(base_dir or default_base_dir()) / f"{name}-{digest}" / f"{name}.v"
     if not path.exists():
@@ -124,7 +132,8 @@ def run(component: wiring.Component, test_module: Path | str, *, name: str = "to
         params: Mapping[str, object] | None = None, seed: int = 0,
         simulator: str = "verilator", waves: bool | None = None,
         config_hash: str | None = None, base_dir: Path | None = None,
-        testcase: str | None = None, build_args: Sequence[str] = ()) -> Path:
+        testcase: str | None = None, build_args: Sequence[str] = (), platform=None,
+        models: str = "") -> Path:
     """Build ``component`` and run the cocotb tests in ``test_module`` on it.
 
     Parameters
@@ -157,6 +166,8 @@ def run(component: wiring.Component, test_module: Path | str, *, name: str = "to
         Run only this test function of the module.
     build_args : sequence of str
         Extra simulator build flags (added to `VERILATOR_ARGS` for Verilator).
+    platform, models
+        Passed to `build_verilog`.
 
     Returns
     -------
@@ -180,7 +191,8 @@ def run(component: wiring.Component, test_module: Path | str, *, name: str = "to
     test_module = Path(test_module).resolve()
     if not test_module.is_file():
         raise FileNotFoundError(f"cocotb test module {test_module} not found")
-    source = build_verilog(component, name=name, config_hash=config_hash, base_dir=base_dir)
+    source = build_verilog(component, name=name, config_hash=config_hash, base_dir=base_dir,
+                           platform=platform, models=models)
     build_dir = source.parent / (simulator + ("-waves" if waves else ""))
     run_name = test_module.stem + (f"-{testcase}" if testcase else "")
     run_dir = build_dir / "runs" / f"{run_name}-seed{seed}"
