@@ -30,7 +30,8 @@ from bct.hw import REPLICA_ATTR
 
 __all__ = ["TARGETS", "UNIT_NAMES", "CELL_CLASSES", "SynthError", "Target", "constraints",
            "constraint_files", "write_constraints", "count_cells", "serial_wrapper", "run_unit",
-           "run_design", "sweep_hw", "add_baseline", "nexus_drop_constant_cin", "register"]
+           "run_design", "sweep_hw", "add_baseline", "nexus_drop_constant_cin", "ripup_stalled",
+           "register"]
 
 #: Version of the report layout (bump when a key changes meaning).
 REPORT_SCHEMA = 1

@@ -209,15 +209,20 @@ def test_worst_case_reaches_acc_bound():
 # Simulation
 
 
+def _simulate(array, real_data, tmp_path, *, problems_seed, **run_kw) -> dict:
+    """Stream ``_problems`` through ``array`` under cocotb with random stalls (the testbench
+    checks every output row with ``==``); returns the testbench's report."""
+    data, report = tmp_path / "tiles.json", tmp_path / "report.json"
+    _write_data(array, _problems(array.cfg, real_data, seed=problems_seed), data)
+    run(array, TB, config_hash=array.cfg.hash, **run_kw,
+        params={"data": str(data), "report": str(report), "valid_prob": 0.7, "ready_prob": 0.7})
+    return json.loads(report.read_text())
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_matmul_array(name, real_data, tmp_path):
-    cfg = CONFIGS[name]
-    array = MatmulArray(cfg)
-    data, report = tmp_path / "tiles.json", tmp_path / "report.json"
-    _write_data(array, _problems(cfg, real_data, seed=1), data)
-    run(array, TB, name="matmul", seed=11, config_hash=cfg.hash,
-        params={"data": str(data), "report": str(report), "valid_prob": 0.7, "ready_prob": 0.7})
-    r = json.loads(report.read_text())
+    array = MatmulArray(CONFIGS[name])
+    r = _simulate(array, real_data, tmp_path, problems_seed=1, name="matmul", seed=11)
     print(f"{name}: {r}")
     assert r["utilisation"] >= 0.95
     assert r["latency_first_row"] == array.latency
@@ -240,12 +245,8 @@ def test_matmul_array_with_ecp5_dsp_hook(real_data, tmp_path):
     text = source.read_text()  # one instance per PE, and the model
     assert text.count("\n  MULT18X18D #(") == cfg.array_rows * cfg.array_cols
     assert text.count("\nmodule MULT18X18D (") == 1
-    data, report = tmp_path / "tiles.json", tmp_path / "report.json"
-    _write_data(array, _problems(cfg, real_data, seed=2), data)
-    run(array, TB, name="matmul_ecp5", seed=12, config_hash=cfg.hash, platform=platform,
-        models=models,
-        params={"data": str(data), "report": str(report), "valid_prob": 0.7, "ready_prob": 0.7})
-    r = json.loads(report.read_text())
+    r = _simulate(array, real_data, tmp_path, problems_seed=2, name="matmul_ecp5", seed=12,
+                  platform=platform, models=models)
     assert r["utilisation"] >= 0.95
     assert r["latency_first_row"] == array.latency
 

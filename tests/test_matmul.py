@@ -235,6 +235,15 @@ def _add_reference(terms, cfg):
     return value, scale
 
 
+def _add_cases(rng, n_terms, **kw):
+    """``(cfg, terms, reference sum, its scale)`` for the default and the 4-bit config, each
+    with operands in its activation and its weight format (:func:`_add_terms`)."""
+    for cfg in (Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)):
+        for fmt in (cfg.act_format, cfg.weight_format):
+            terms = _add_terms(rng, fmt, n_terms, **kw)
+            yield (cfg, terms, *_add_reference(terms, cfg))
+
+
 @pytest.mark.parametrize("n_terms", [1, 2, 3])
 def test_add_compiled_equals_round_shift_definition(n_terms, monkeypatch):
     """The compiled add == the definition in numpy passes (round_shift_numpy per block), on
@@ -243,15 +252,12 @@ def test_add_compiled_equals_round_shift_definition(n_terms, monkeypatch):
     monkeypatch.setattr(matmul_module, "_PAR_MIN", 64)
     before = matmul_module._THREADS
     try:
-        for cfg in (Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)):
-            for fmt in (cfg.act_format, cfg.weight_format):
-                terms = _add_terms(rng, fmt, n_terms)
-                want, scale = _add_reference(terms, cfg)
-                for n in (1, 2):
-                    set_threads(n)
-                    got = add(*terms, cfg=cfg)
-                    assert got.value.dtype == np.int64 and np.array_equal(got.value, want)
-                    assert np.array_equal(got.scale, scale)
+        for cfg, terms, want, scale in _add_cases(rng, n_terms):
+            for n in (1, 2):
+                set_threads(n)
+                got = add(*terms, cfg=cfg)
+                assert got.value.dtype == np.int64 and np.array_equal(got.value, want)
+                assert np.array_equal(got.scale, scale)
     finally:
         set_threads(before)
 
@@ -268,15 +274,12 @@ def test_add_requantize_equals_requantize_numpy_of_the_sum(n_terms, monkeypatch)
     monkeypatch.setattr(matmul_module, "_PAR_MIN", 64)
     before = matmul_module._THREADS
     try:
-        for cfg in (Config(), Config(weight_bits=4, weight_block_size=128, weight_exp_bits=6)):
-            for fmt in (cfg.act_format, cfg.weight_format):
-                terms = _add_terms(rng, fmt, n_terms, zero_row=True)
-                value, scale = _add_reference(terms, cfg)
-                for out_fmt in (cfg.act_format, cfg.residual_format):
-                    want = requantize_numpy(value, scale, out_fmt)
-                    for n in (1, 2):
-                        set_threads(n)
-                        assert add_requantize(*terms, cfg=cfg, fmt=out_fmt) == want
+        for cfg, terms, value, scale in _add_cases(rng, n_terms, zero_row=True):
+            for out_fmt in (cfg.act_format, cfg.residual_format):
+                want = requantize_numpy(value, scale, out_fmt)
+                for n in (1, 2):
+                    set_threads(n)
+                    assert add_requantize(*terms, cfg=cfg, fmt=out_fmt) == want
         with pytest.raises(ValueError, match="too many terms"):
             add_requantize(*terms, *terms, *terms, *terms, cfg=cfg, fmt=cfg.act_format)
     finally:
