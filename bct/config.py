@@ -28,7 +28,7 @@ WEIGHT_EXP_SEARCHES = ("max", "mse")
 
 #: The data-free, function-preserving weight transforms ``Config.weight_equalize`` may name
 #: (``bct.model.equalize``), in the order they are applied.
-WEIGHT_EQUALIZE_TRANSFORMS = ("qk_scale", "ffn_perm")
+WEIGHT_EQUALIZE_TRANSFORMS = ("hidden_perm", "qk_scale", "ffn_perm")
 
 #: Widest accumulator the software fast path keeps exact (float64 holds every integer below 2**53).
 EXACT_FLOAT_BITS = 53
@@ -133,7 +133,9 @@ class Config:
         (exact in real arithmetic, so the float network is unchanged; see
         ``bct.model.equalize``): names of :data:`WEIGHT_EQUALIZE_TRANSFORMS` joined by ``+``,
         each at most once and in that order, e.g. ``"qk_scale+ffn_perm"``. ``None``
-        (default): the checkpoint is encoded as loaded.
+        (default): the checkpoint is encoded as loaded. ``hidden_perm`` reorders the hidden
+        channels (the stored model carries the order and returns its sentence embedding in the
+        checkpoint's order).
     acc_guard_bits : int
         Fractional guard bits kept below the largest block product when per-block partial sums
         are aligned into the matmul accumulator (see docs/arithmetic.md).

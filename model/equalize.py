@@ -7,6 +7,17 @@ along the *input-feature* axis of every weight matrix and share one power-of-two
 a block's step is ``2**e`` whatever its values. No data and no retraining: only the weights are
 read. The transforms (:data:`~bct.config.WEIGHT_EQUALIZE_TRANSFORMS`, applied in that order):
 
+``hidden_perm``
+    Permute the hidden channels of the whole network (:func:`hidden_permutation`: by decreasing
+    largest ``|gamma| + |beta|`` over every LayerNorm, a stable sort): the columns of the three
+    embedding tables, every LayerNorm's gamma and beta, the input rows of the query, key, value,
+    FFN1 and pooler weights, the output columns and biases of the attention output and FFN2
+    projections. Exact in float (LayerNorm is invariant under a permutation of its row); the
+    residual stream, hence every hidden state, is then held in the permuted order, so the
+    channels that carry BERT's outliers share a few blocks of every activation, table and
+    weight instead of setting the exponent of one block in twelve. The pooler's output and the
+    classifier are not permuted (logits are unchanged); the sentence embedding is un-permuted by
+    :func:`bct.model.integer.forward` from :attr:`~bct.model.integer.QuantBert.hidden_order`.
 ``qk_scale``
     Per query/key channel ``j`` (each output channel of the query and key projections), a
     factor ``s_j = 2**(i / SCALE_STEPS)``, ``0 <= i < SCALE_STEPS``: ``q_w[:, j]`` and ``q_b[j]``
@@ -25,7 +36,7 @@ read. The transforms (:data:`~bct.config.WEIGHT_EQUALIZE_TRANSFORMS`, applied in
 The hook is :func:`equalize`, called on the float checkpoint right before block encoding.
 Tried and not kept (no gain in the block format, docs/evaluation.md): per-head Hadamard
 rotations of V/O and Q/K, power-of-two and searched V/O channel scaling, a permutation of the
-hidden channels.
+hidden channels by activation statistics (needs data; measured below ``hidden_perm``).
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from bct.config import Config, WEIGHT_EQUALIZE_TRANSFORMS, BlockFormat
 from bct.model.blocks import encode
 from bct.model.checkpoint import BertWeights, LayerWeights
 
-__all__ = ["SCALE_STEPS", "equalize", "qk_scales", "ffn_permutation"]
+__all__ = ["SCALE_STEPS", "equalize", "hidden_order", "hidden_permutation", "qk_scales", "ffn_permutation"]
 
 #: Candidate channel factors ``2**(i / SCALE_STEPS)``, ``i = 0 .. SCALE_STEPS - 1``.
 SCALE_STEPS = 32
@@ -86,6 +97,38 @@ def ffn_permutation(lw: LayerWeights) -> np.ndarray:
     return np.argsort(-np.abs(lw.ffn2_w).max(axis=1), kind="stable")
 
 
+def hidden_permutation(weights: BertWeights) -> np.ndarray:
+    """The ``hidden_perm`` order: position ``j`` of the permuted network holds checkpoint
+    channel ``order[j]``, by decreasing largest ``|gamma| + |beta|`` over every LayerNorm
+    (embedding, each layer's attention and output LayerNorm; stable)."""
+    ln = [(weights.emb_ln_g, weights.emb_ln_b)] + [
+        (g, b) for lw in weights.encoder for g, b in ((lw.attn_ln_g, lw.attn_ln_b), (lw.out_ln_g, lw.out_ln_b))]
+    score = np.max([np.abs(g) + np.abs(b) for g, b in ln], axis=0)
+    return np.argsort(-score, kind="stable")
+
+
+def hidden_order(weights: BertWeights, cfg: Config) -> np.ndarray | None:
+    """:func:`hidden_permutation` when ``cfg.weight_equalize`` names ``hidden_perm``, else None."""
+    if cfg.weight_equalize is None or "hidden_perm" not in cfg.weight_equalize.split("+"):
+        return None
+    return hidden_permutation(weights)
+
+
+def _permute_hidden(w: BertWeights, p: np.ndarray) -> BertWeights:
+    layers = tuple(
+        dataclasses.replace(
+            lw, q_w=_ro(lw.q_w[p]), k_w=_ro(lw.k_w[p]), v_w=_ro(lw.v_w[p]), o_w=_ro(lw.o_w[:, p]),
+            o_b=_ro(lw.o_b[p]), attn_ln_g=_ro(lw.attn_ln_g[p]), attn_ln_b=_ro(lw.attn_ln_b[p]),
+            ffn1_w=_ro(lw.ffn1_w[p]), ffn2_w=_ro(lw.ffn2_w[:, p]), ffn2_b=_ro(lw.ffn2_b[p]),
+            out_ln_g=_ro(lw.out_ln_g[p]), out_ln_b=_ro(lw.out_ln_b[p]))
+        for lw in w.encoder
+    )
+    pooler = {} if w.pooler_w is None else {"pooler_w": _ro(w.pooler_w[p])}
+    return dataclasses.replace(
+        w, word_emb=_ro(w.word_emb[:, p]), pos_emb=_ro(w.pos_emb[:, p]), type_emb=_ro(w.type_emb[:, p]),
+        emb_ln_g=_ro(w.emb_ln_g[p]), emb_ln_b=_ro(w.emb_ln_b[p]), encoder=layers, **pooler)
+
+
 def _ro(a: np.ndarray) -> np.ndarray:
     a = np.ascontiguousarray(a)
     a.setflags(write=False)
@@ -106,19 +149,26 @@ def equalize(weights: BertWeights, cfg: Config) -> BertWeights:
     -------
     BertWeights
         ``weights`` itself when ``cfg.weight_equalize`` is None, else the same network with
-        rewritten (read-only float64) query, key and FFN tensors.
+        rewritten (read-only float64) tensors.
 
     Raises
     ------
     bct.config.ConfigError
         When ``qk_scale`` cannot block the query/key rows (``hidden`` not a multiple of the
         weight block), as :func:`bct.model.integer.quantize` would.
+
+    Notes
+    -----
+    With ``hidden_perm`` the result computes the same function with its hidden channels in the
+    order :func:`hidden_order` returns (pooler output and logits in the checkpoint's order).
     """
     if cfg.weight_equalize is None:
         return weights
     names = cfg.weight_equalize.split("+")
     assert all(n in WEIGHT_EQUALIZE_TRANSFORMS for n in names)  # validated by Config
     fmt, search = cfg.weight_format, cfg.weight_exp_search
+    if "hidden_perm" in names:
+        weights = _permute_hidden(weights, hidden_permutation(weights))
     layers = []
     for lw in weights.encoder:
         new = {}

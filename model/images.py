@@ -150,12 +150,17 @@ def _plan(qm) -> tuple[dict, dict]:
 
 
 def _model_fields(qm) -> dict:
-    """The scalar fields of ``qm`` (shape, labels, source), stored in the manifest."""
+    """The scalar fields of ``qm`` (shape, labels, source) and its ``hidden_order`` (a list,
+    left out while None), stored in the manifest."""
     out = {}
     for f in dataclasses.fields(qm):
         if f.name in ("cfg", "encoder") or f.name in _TOP:
             continue
         value = getattr(qm, f.name)
+        if f.name == "hidden_order":
+            if value is not None:
+                out[f.name] = list(value)
+            continue
         if not (value is None or isinstance(value, (bool, int, float, str))):
             raise ImageError(f"cannot store QuantBert field {f.name} of type {type(value).__name__}")
         out[f.name] = value
@@ -369,6 +374,8 @@ def content_digest(qm) -> str:
     mantissas and exponents (equal models, equal digests; for content-addressed image
     directories)."""
     h = hashlib.sha256(qm.cfg.hash.encode())
+    if qm.hidden_order is not None:
+        h.update(np.asarray(qm.hidden_order, dtype=np.int64).tobytes())
     for name, t in qm.tensors().items():
         h.update(name.encode())
         h.update(np.ascontiguousarray(t.mant, dtype=np.int64).tobytes())
@@ -439,7 +446,9 @@ def read_images(directory: str | os.PathLike, cfg: Config | None = None):
             raise ImageError(f"tensor {name} in {directory}: {exc}") from exc
         tensors[name] = bt
 
-    model = manifest["model"]
+    model = dict(manifest["model"])
+    if isinstance(model.get("hidden_order"), list):
+        model["hidden_order"] = tuple(model["hidden_order"])
     try:
         layers = tuple(
             QuantLayer(**{f.name: tensors.pop(f"layer{i}.{f.name}") for f in dataclasses.fields(QuantLayer)})
@@ -452,5 +461,5 @@ def read_images(directory: str | os.PathLike, cfg: Config | None = None):
         raise ImageError(f"{directory / MANIFEST} has unknown tensors: {', '.join(sorted(tensors))}")
     try:
         return QuantBert(cfg=cfg, encoder=layers, **top, **model)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ImageError(f"{directory / MANIFEST}: model fields do not fit QuantBert ({exc})") from exc

@@ -42,7 +42,7 @@ import numpy as np
 from bct.config import Config, ConfigError
 from bct.model.blocks import BlockTensor, encode, reblock_transposed, requantize, to_fixed
 from bct.model.checkpoint import BertWeights, Encoding, named_parameters
-from bct.model.equalize import equalize
+from bct.model.equalize import equalize, hidden_order
 from bct.model.fixed import round_div, round_shift
 from bct.model.matmul import Fixed, add_requantize, linear, matmul
 from bct.model.nonlinear import (
@@ -81,7 +81,12 @@ class QuantLayer:
 
 @dataclass(frozen=True, eq=False)
 class QuantBert:
-    """A BERT with every parameter in block format, bound to the config that encoded it."""
+    """A BERT with every parameter in block format, bound to the config that encoded it.
+
+    ``hidden_order`` (``Config.weight_equalize`` with ``hidden_perm``): hidden channel ``j`` of
+    every stored tensor and intermediate is checkpoint channel ``hidden_order[j]``; None: the
+    checkpoint's order.
+    """
 
     cfg: Config
     layers: int
@@ -101,6 +106,12 @@ class QuantBert:
     classifier_w: BlockTensor | None = None
     classifier_b: BlockTensor | None = None
     source: str = ""
+    hidden_order: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        o = self.hidden_order
+        if o is not None and sorted(o) != list(range(self.hidden)):
+            raise ValueError(f"hidden_order is not a permutation of the {self.hidden} hidden channels")
 
     @property
     def head_dim(self) -> int:
@@ -142,6 +153,7 @@ def quantize(weights: BertWeights, cfg: Config) -> QuantBert:
         When a dimension of the model is not a multiple of the block sizes.
     """
     _check_shapes(weights, cfg)
+    order = hidden_order(weights, cfg)  # hidden_perm's channel order (None: not permuted)
     weights = equalize(weights, cfg)  # Config.weight_equalize (None: weights unchanged)
     wf, vf = cfg.weight_format, cfg.vector_format
 
@@ -188,6 +200,7 @@ def quantize(weights: BertWeights, cfg: Config) -> QuantBert:
         classifier_w=classifier_w,
         classifier_b=classifier_b,
         source=weights.source,
+        hidden_order=None if order is None else tuple(int(i) for i in order),
     )
 
 
@@ -199,9 +212,11 @@ class IntegerOutput:
     ----------
     hidden : BlockTensor
         Last hidden state ``(B, T, H)`` (``T`` padded to a multiple of the block size); in
-        ``cfg.residual_format`` (the activation format unless ``cfg.residual_bits`` is set).
+        ``cfg.residual_format`` (the activation format unless ``cfg.residual_bits`` is set),
+        hidden channels in the stored order (:attr:`QuantBert.hidden_order`).
     embedding : numpy.ndarray
-        Masked mean of ``hidden`` over tokens, decoded to float64 ``(B, H)``.
+        Masked mean of ``hidden`` over tokens, decoded to float64 ``(B, H)``, in the
+        checkpoint's channel order (un-permuted when ``hidden_order`` is set).
     logits : numpy.ndarray or None
         Classifier output decoded to float64 ``(B, num_labels)``.
     stages : dict or None
@@ -337,9 +352,12 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
             out = matmul(pooled, qm.classifier_w, cfg, qm.classifier_b)
             keep("logits", out)
             logits = np.ldexp(out.value.astype(np.float64), out.scale[:, None])[:, : qm.num_labels]
+    embedding = emb.decode()
+    if qm.hidden_order is not None:  # back to the checkpoint's channel order
+        embedding = embedding[:, np.argsort(qm.hidden_order)]
     return IntegerOutput(
         hidden=xr,
-        embedding=emb.decode(),
+        embedding=embedding,
         logits=logits,
         stages=stages if trace else None,
     )

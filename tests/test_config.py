@@ -154,17 +154,18 @@ def test_weight_equalize_is_hashed_when_set():
     assert base.weight_equalize is None and "weight_equalize" not in base.to_dict()
     assert base.hash == "8804f70186d61d11"  # the 7.90x config of docs/evaluation.md, unchanged
     hashes = {base.hash}
-    for v in ("qk_scale", "ffn_perm", "qk_scale+ffn_perm"):
+    for v in ("qk_scale", "ffn_perm", "qk_scale+ffn_perm", "hidden_perm", "hidden_perm+qk_scale+ffn_perm"):
         c = base.replace(weight_equalize=v)
         assert c.to_dict()["weight_equalize"] == v and c.weight_format == base.weight_format
         assert Config.from_dict(json.loads(json.dumps(c.to_dict()))).hash == c.hash
         hashes.add(c.hash)
-    assert len(hashes) == 4
+    assert len(hashes) == 6
 
 
-@pytest.mark.parametrize("value", ["", "ffn_perm+qk_scale", "qk_scale+qk_scale", "hadamard", 1])
+@pytest.mark.parametrize("value", ["", "ffn_perm+qk_scale", "qk_scale+qk_scale", "qk_scale+hidden_perm",
+                                   "hadamard", 1])
 def test_weight_equalize_refuses_unknown_or_unordered_names(value):
-    msg = ("weight_equalize must be None or names from qk_scale, ffn_perm joined by '+' "
+    msg = ("weight_equalize must be None or names from hidden_perm, qk_scale, ffn_perm joined by '+' "
            f"(each once, in that order), not {value!r}")
     with pytest.raises(ConfigError, match=re.escape(msg)):
         Config(weight_equalize=value)

@@ -13,7 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bct.config import Config, ConfigError  # noqa: E402
 from bct.model import integer, reference  # noqa: E402
 from bct.model.checkpoint import load_bert, load_tokenizer  # noqa: E402
-from bct.model.equalize import SCALE_STEPS, _row_rel_err, equalize, ffn_permutation, qk_scales  # noqa: E402
+from bct.model.equalize import (  # noqa: E402
+    SCALE_STEPS, _row_rel_err, equalize, ffn_permutation, hidden_order, hidden_permutation, qk_scales,
+)
 
 W4 = dict(weight_bits=4, weight_block_size=128, weight_exp_bits=6, weight_exp_search="mse")
 SENTENCES = ["A man is playing a flute.", "Blockwise compression keeps BERT accurate without retraining."]
@@ -38,6 +40,55 @@ def both(weights):
 def test_default_leaves_the_checkpoint_alone(weights):
     assert equalize(weights, Config()) is weights
     assert equalize(weights, Config(**W4)) is weights
+    assert hidden_order(weights, Config()) is None
+    assert hidden_order(weights, Config(weight_equalize="qk_scale+ffn_perm")) is None
+
+
+def test_hidden_perm_keeps_the_float_model_in_permuted_order(weights, enc):
+    """Every hidden state of the permuted network is the checkpoint's, channels in the new
+    order; the pooler output (hence the logits) is unchanged."""
+    cfg = Config(weight_equalize="hidden_perm")
+    order = hidden_order(weights, cfg)
+    np.testing.assert_array_equal(order, hidden_permutation(weights))
+    eq = equalize(weights, cfg)
+    ref, got = reference.forward(weights, enc, trace=True), reference.forward(eq, enc, trace=True)
+    assert np.abs(ref.hidden[..., order] - got.hidden).max() <= 1e-12
+    assert np.abs(ref.embedding[:, order] - got.embedding).max() <= 1e-12
+    assert np.abs(ref.pooled - got.pooled).max() <= 1e-12
+    for name in ("embed.ln", "layer2.attn_res", "layer5.out"):
+        assert np.abs(ref.stages[name][..., order] - got.stages[name]).max() <= 1e-12, name
+    changed = {n.split(".", 1)[1] if n.startswith("layer") else n
+               for n, a in eq.named_arrays().items() if not np.array_equal(a, weights.named_arrays()[n])}
+    assert changed == {"q_w", "k_w", "v_w", "o_w", "o_b", "attn_ln_g", "attn_ln_b", "ffn1_w", "ffn2_w",
+                       "ffn2_b", "out_ln_g", "out_ln_b", "embed.word", "embed.position", "embed.type",
+                       "embed.ln_g", "embed.ln_b", "pooler.w"}
+
+
+def test_hidden_perm_groups_the_layernorm_outliers(weights):
+    """The channels of largest |gamma| + |beta| come first, so they share the first blocks."""
+    order = hidden_permutation(weights)
+    assert sorted(order) == list(range(weights.hidden))
+    lns = [(weights.emb_ln_g, weights.emb_ln_b)] + [
+        p for lw in weights.encoder for p in ((lw.attn_ln_g, lw.attn_ln_b), (lw.out_ln_g, lw.out_ln_b))]
+    score = np.max([np.abs(g) + np.abs(b) for g, b in lns], axis=0)[order]
+    assert np.all(score[:-1] >= score[1:])
+    assert score[0] > 3 * np.median(score)  # MiniLM has outlier channels to group (measured: 3.8x)
+
+
+def test_integer_model_returns_the_embedding_in_checkpoint_order(weights, enc):
+    cfg = Config(weight_equalize="hidden_perm")
+    qm = integer.quantize(weights, cfg)
+    assert qm.hidden_order == tuple(int(i) for i in hidden_permutation(weights))
+    out = integer.forward(qm, enc, trace=True)
+    stored = out.stages["embedding"].decode()  # the accelerator's order
+    assert np.array_equal(out.embedding[:, list(qm.hidden_order)], stored)
+    ref = reference.forward(weights, enc)
+    cos = (out.embedding * ref.embedding).sum(1) / np.linalg.norm(out.embedding, axis=1) / np.linalg.norm(
+        ref.embedding, axis=1)
+    assert cos.min() > 0.99  # in the permuted order it would be far lower
+    shuffled = out.embedding[:, list(qm.hidden_order)]
+    assert ((shuffled * ref.embedding).sum(1) / np.linalg.norm(shuffled, axis=1)
+            / np.linalg.norm(ref.embedding, axis=1)).max() < 0.9
 
 
 @pytest.mark.parametrize("names", ["ffn_perm", "qk_scale+ffn_perm"])

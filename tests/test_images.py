@@ -381,3 +381,25 @@ def test_content_digest_names_the_content():
         other = dataclasses.replace(qm, encoder=(qm.encoder[0], dataclasses.replace(
             lw, ffn2_w=BlockTensor(mant, exp, t.fmt))))
         assert images.content_digest(other) != d, field
+
+
+def test_hidden_order_round_trips_and_is_checked(tmp_path):
+    """``hidden_perm``: the channel order is stored in the manifest (left out without it), read
+    back, part of the content digest, and a manifest whose order is no permutation is refused."""
+    cfg = Config(weight_equalize="hidden_perm")
+    qm = quantize(tiny_weights(), cfg)
+    assert qm.hidden_order is not None and sorted(qm.hidden_order) == list(range(64))
+    assert qm.hidden_order != tuple(range(64))
+    out = write_images(qm, tmp_path / "img")
+    assert read_manifest(out)["model"]["hidden_order"] == list(qm.hidden_order)
+    back = read_images(out, cfg)
+    assert_same_model(qm, back)  # hidden_order included (a tuple again)
+    unordered = dataclasses.replace(qm, hidden_order=None)
+    assert images.content_digest(unordered) != images.content_digest(qm)
+    plain = write_images(quantize(tiny_weights(), Config()), tmp_path / "plain")
+    assert "hidden_order" not in read_manifest(plain)["model"]
+    m = json.loads((out / MANIFEST).read_text())
+    m["model"]["hidden_order"] = [0] * 64
+    (out / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ImageError, match="hidden_order is not a permutation of the 64 hidden channels"):
+        read_images(out, cfg)
