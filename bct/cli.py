@@ -9,7 +9,7 @@ import json
 import sys
 
 from bct import __version__
-from bct.config import Config, ConfigError
+from bct.config import PRESETS, Config, ConfigError
 
 __all__ = ["main"]
 
@@ -36,8 +36,14 @@ def _parse_value(field: dataclasses.Field, text: str):
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Build the :class:`Config` from ``--config FILE`` and ``--set KEY=VALUE`` options."""
+    """Build the :class:`Config` from ``--preset NAME``, ``--config FILE`` and ``--set KEY=VALUE``
+    options (later ones override earlier ones)."""
     values: dict = {}
+    preset = getattr(args, "preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
     if args.config:
         with open(args.config) as f:
             values.update(json.load(f))
@@ -64,6 +70,8 @@ def _shape(text: str) -> tuple:
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", metavar="NAME",
+                   help=f"named config ({', '.join(PRESETS)}); --config / --set override it")
     p.add_argument("--config", metavar="FILE", help="JSON file of Config fields")
     p.add_argument(
         "--set", metavar="KEY=VALUE", action="append", help="override one Config field (repeatable)"

@@ -38,6 +38,27 @@ EXACT_FLOAT_BITS = 53
 OPTIONAL_FIELDS = ("residual_bits", "gelu_direct", "weight_equalize")
 
 
+#: The wide residual path with the data-free hidden-channel permutation: every matmul operand
+#: still 8-bit blocks (docs/arithmetic.md section 10, docs/evaluation.md).
+_WIDE = {"residual_bits": 16, "gelu_direct": True, "vector_bits": 16, "ln_out_frac": 12,
+         "gelu_frac": 12, "weight_equalize": "hidden_perm"}
+
+#: Named configs (``bct ... --preset NAME``): Config fields over the defaults; ``--config`` and
+#: ``--set`` override them. Measured in docs/evaluation.md.
+PRESETS = {
+    # W8A8, blocks of 32 (3.88x): the defaults.
+    "default": {},
+    # W8A8, blocks of 32, wide residual path + hidden_perm (3.87x whole model).
+    "w8-wide": dict(_WIDE),
+    # W8A8, activation blocks of 8, weight blocks of 16 with 5-bit exponents (3.84x): the
+    # sentence-embedding fidelity config.
+    "w8-wide-b8": {**_WIDE, "block_size": 8, "weight_block_size": 16, "weight_exp_bits": 5},
+    # 4-bit weights in blocks of 128 with 6-bit exponents chosen by squared error (7.90x).
+    "w4": {"weight_bits": 4, "weight_block_size": 128, "weight_exp_bits": 6,
+           "weight_exp_search": "mse", "weight_equalize": "qk_scale+ffn_perm"},
+}
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent."""
 

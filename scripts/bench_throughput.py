@@ -34,6 +34,7 @@ import sys
 
 def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", metavar="NAME")
     p.add_argument("--config", metavar="FILE")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--model", default=None, help="checkpoint directory (default: built-in)")

@@ -370,6 +370,7 @@ def run_attribute(cfg: Config, weights, encs, knobs, which=("only", "all_but")) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", metavar="NAME")
     parser.add_argument("--config", metavar="FILE")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE")
     parser.add_argument("--mode", choices=("integer", "attribute", "sim"), default="integer")

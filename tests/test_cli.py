@@ -37,9 +37,26 @@ def test_config_prints_hash_and_applies_overrides(capsys, tmp_path):
         assert json.loads(capsys.readouterr().out).get("gelu_direct", False) is value
 
 
+def test_presets_apply_and_are_overridden(capsys, tmp_path):
+    from bct.config import PRESETS, Config
+
+    for name, fields in PRESETS.items():
+        assert main(["config", "--preset", name]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["hash"] == Config(**fields).hash and Config.from_dict(
+            {k: v for k, v in out.items() if k != "hash"}) == Config(**fields)
+    assert PRESETS["default"] == {} and len({Config(**f).hash for f in PRESETS.values()}) == len(PRESETS)
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"ln_out_frac": 10}))
+    assert main(["config", "--preset", "w8-wide-b8", "--config", str(f), "--set", "block_size=16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["block_size"], out["ln_out_frac"], out["weight_block_size"], out["residual_bits"]) == (16, 10, 16, 16)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--preset", "fast"], "unknown preset 'fast'; presets: default, w8-wide, w8-wide-b8, w4"),
         (["--set", "block_size=12"], "block_size must be a power of two, not 12"),
         (["--set", "blocksize=32"], "unknown config field: blocksize"),
         (["--set", "block_size"], "--set takes KEY=VALUE"),
