@@ -661,6 +661,32 @@ def test_six_layers_gelu_direct_block8(tmp_path):
 
 @pytest.mark.slow
 @SLOW
+@pytest.mark.parametrize("preset", ["w8-wide", "w8-wide-b8"])
+def test_six_layers_preset(preset, tmp_path):
+    """All six layers of all-MiniLM-L6-v2 at a preset of ``bct.config.PRESETS`` (wide residual
+    path, ``gelu_direct``, hidden channels permuted by ``hidden_perm``): every stage the
+    accelerator writes, each layer's output and the on-chip pool == the model; the pool, put back
+    in the checkpoint's channel order with the images' ``hidden_order``, is the model's
+    sentence embedding."""
+    from bct.config import PRESETS
+    from bct.hw.program import layer_stages
+    from bct.model.integer import forward, trace
+    cfg = Config(**PRESETS[preset])
+    qm, enc = _minilm_at(cfg)
+    assert qm.hidden_order is not None
+    st = trace(qm, enc)
+    r = simulate(qm, enc, layers=6, work_dir=tmp_path, trace=st)
+    assert r["bit_exact"] and all(r["stages"].values()), r["mismatches"]
+    assert {f"layer{i}.{s}" for i in range(6) for s in ("out", "out_wide")} | {
+        f"layer5.{s}" for s in layer_stages(cfg)} | {"embedding"} <= set(r["stages"])
+    pool = st["embedding"].decode()[0]  # == the accelerator's pool (compared above)
+    emb = np.empty_like(pool)
+    emb[list(qm.hidden_order)] = pool
+    assert np.array_equal(emb, forward(qm, enc).embedding[0])
+
+
+@pytest.mark.slow
+@SLOW
 def test_tampered_trace_is_reported(minilm, tmp_path):
     """A model trace with one changed element: the run fails naming the word, lane, both
     values and the write cycle."""
