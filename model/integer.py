@@ -44,9 +44,9 @@ from bct.model.blocks import BlockTensor, encode, reblock_transposed, requantize
 from bct.model.checkpoint import BertWeights, Encoding, named_parameters
 from bct.model.equalize import equalize, hidden_order
 from bct.model.fixed import round_div, round_shift
-from bct.model.matmul import Fixed, add_requantize, linear, matmul
+from bct.model.matmul import Fixed, add_requantize, aligned_requantize, linear, matmul
 from bct.model.nonlinear import (
-    add_layernorm, gelu, gelu_acc, layernorm_wide, softmax, tanh_fixed,
+    add_layernorm, aligned_layernorm, gelu, gelu_acc, softmax, tanh_fixed,
 )
 
 __all__ = [
@@ -290,14 +290,14 @@ def forward(qm: QuantBert, enc: Encoding, *, trace: bool = False) -> IntegerOutp
     wide = cfg.residual_bits is not None
     rf = cfg.residual_format  # == af unless wide
 
-    def residual(a, b):
+    def residual(a, b):  # requantize(*residual_add(a, b)), fused
         if wide:
-            return requantize(*residual_add(a, b, cfg=cfg), rf)
+            return aligned_requantize((a, b), _residual_scale((a, b), cfg), rf)
         return add_requantize(a, b, cfg=cfg, fmt=af)
 
     def norm(name, x, g, b):  # -> (matmul operand, residual copy)
-        if wide:
-            y, yr = layernorm_wide(residual_add(x, cfg=cfg), g, b, cfg)
+        if wide:  # layernorm_wide(residual_add(x)), fused
+            y, yr = aligned_layernorm(x, _residual_scale((x,), cfg), g, b, cfg, (af, rf))
             keep(name + "_wide", yr)
             return keep(name, y), yr
         y = keep(name, add_layernorm(x, g, b, cfg))  # layernorm(add(x)), fused
@@ -403,6 +403,14 @@ def residual_add(*terms: BlockTensor, cfg: Config) -> Fixed:
     -------
     Fixed
     """
+    scale = _residual_scale(terms, cfg)
+    s = scale[..., None, None]
+    value = sum(round_shift(t.blocks, s - t.exp[..., None]) for t in terms)
+    return Fixed(value.reshape(terms[0].shape), scale)
+
+
+def _residual_scale(terms: tuple, cfg: Config) -> np.ndarray:
+    """:func:`residual_add`'s checks of its operands and its row scales."""
     if not 1 <= len(terms) <= 2:
         raise ValueError(f"residual_add takes 1 or 2 terms, not {len(terms)}")
     first = terms[0]
@@ -413,10 +421,7 @@ def residual_add(*terms: BlockTensor, cfg: Config) -> Fixed:
             raise ConfigError(
                 f"residual operand format {t.fmt} is neither the activation nor the residual format")
     top = np.max([t.exp.max(axis=-1) + (t.fmt.bits - cfg.act_bits) for t in terms], axis=0)
-    scale = (top - cfg.acc_guard_bits).astype(np.int64)
-    s = scale[..., None, None]
-    value = sum(round_shift(t.blocks, s - t.exp[..., None]) for t in terms)
-    return Fixed(value.reshape(first.shape), scale)
+    return (top - cfg.acc_guard_bits).astype(np.int64)
 
 
 def mean_pool(x: BlockTensor, mask: np.ndarray, cfg: Config) -> BlockTensor:

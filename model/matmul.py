@@ -35,7 +35,8 @@ from bct.model.blocks import BlockFormat, BlockTensor, _requantize_kernels, requ
 from bct.model.fixed import round_shift, round_shift_int
 
 __all__ = [
-    "Fixed", "matmul", "matmul_pyint", "linear", "add", "add_requantize", "row_scale", "act_blocks",
+    "Fixed", "matmul", "matmul_pyint", "linear", "add", "add_requantize", "aligned_requantize",
+    "row_scale", "act_blocks",
     "check_operands", "set_threads",
 ]
 
@@ -821,11 +822,22 @@ def add_requantize(*terms: BlockTensor, cfg: Config, fmt: BlockFormat) -> BlockT
     row's sum (the add kernel's rule, term by term) re-encoded at once by requantize's row
     kernel from a row buffer (no full-size int64 sum; rows shared among :func:`set_threads`
     threads when large). The same integers, the same errors."""
-    scale = _add_scale(terms, cfg)
+    return aligned_requantize(terms, _add_scale(terms, cfg), fmt)
+
+
+def aligned_requantize(terms: tuple, scale: np.ndarray, fmt: BlockFormat) -> BlockTensor:
+    """``requantize(Fixed(sum(round_shift(t.blocks, scale - t.exp)), scale), fmt)``: up to
+    three block tensors of one shape and block size (any formats) aligned to the given row
+    scales, summed and re-encoded in one compiled pass over the rows (:func:`add_requantize`
+    with :func:`add`'s scale; :func:`bct.model.integer.residual_add`'s on the wide path). The
+    same integers as that definition."""
     first = terms[0]
+    scale = np.asarray(scale, dtype=np.int64)
     if (first.mant.ndim == 0 or first.exp.shape[-1] == 0 or first.shape[-1] % fmt.block
-            or len(terms) > 3):
-        return requantize(*add(*terms, cfg=cfg), fmt)
+            or len(terms) > 3 or any(t.fmt.block != first.fmt.block for t in terms)):
+        s = scale[..., None, None]
+        value = sum(round_shift(t.blocks, s - t.exp[..., None]) for t in terms)
+        return requantize(Fixed(value.reshape(first.shape), scale), fmt)
     R, K, sc, args = _add_operands(terms, scale)
     args += [args[0]] * (3 - len(args))  # unused slots (the kernel adds the first nt terms)
     q = np.empty((R, K // fmt.block, fmt.block), dtype=np.int64)

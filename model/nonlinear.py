@@ -38,6 +38,7 @@ __all__ = [
     "layernorm_affine_numpy",
     "layernorm",
     "layernorm_wide",
+    "aligned_layernorm",
 ]
 
 
@@ -259,27 +260,37 @@ def layernorm(x: Fixed, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> B
     pass: each row normalised, scaled and re-encoded in row buffers by the same row kernels
     (rows shared among the set_threads threads; no full-size intermediates). The same
     integers, the same errors."""
-    fmt = cfg.act_format
+    return _layernorm_to(x, gamma, beta, cfg, (cfg.act_format,))[0]
+
+
+def _layernorm_to(x: Fixed, gamma: BlockTensor, beta: BlockTensor, cfg: Config,
+                  fmts: tuple) -> list:
+    """:func:`layernorm`'s result re-encoded to each format of ``fmts`` (each of block size
+    ``cfg.block_size``): one compiled pass per format over the same rows."""
     N = np.shape(x.value)[-1] if np.ndim(x.value) else 0
     B = cfg.block_size
-    if np.ndim(x.value) == 0 or N % B or fmt.block != B or gamma.fmt.block != B:
-        return requantize(_layernorm_out(x, gamma, beta, cfg), -cfg.ln_out_frac, fmt)
+    if np.ndim(x.value) == 0 or N % B or gamma.fmt.block != B or any(f.block != B for f in fmts):
+        y = _layernorm_out(x, gamma, beta, cfg)
+        return [requantize(y, -cfg.ln_out_frac, f) for f in fmts]
     for name, p in (("gamma", gamma), ("beta", beta)):
         if p.shape != (N,) or p.fmt != cfg.vector_format:
             raise ValueError(f"LayerNorm {name} must be a ({N},) tensor in the vector format")
     v2, eps, consts = _layernorm_rows(x, cfg)
     affine = _affine_operands(gamma, beta, cfg)
     R = v2.shape[0]
-    q = np.empty((R, N // B, B), dtype=np.int64)
-    e = np.empty((R, N // B), dtype=np.int64)
-    k = _kernels()
-    oks = []
-    _split_rows(R, N, lambda r0, r1: oks.append(k.layernorm_blocks(
-        v2[r0:r1], eps[r0:r1], *consts, *affine, -cfg.ln_out_frac, fmt.qmax, fmt.e_min,
-        fmt.e_max, fmt.bits, q[r0:r1], e[r0:r1])))
-    _check_bound(oks, cfg)
     shape = np.shape(x.value)
-    return BlockTensor(q.reshape(shape), e.reshape(shape[:-1] + (N // B,)), fmt)
+    k = _kernels()
+    out = []
+    for fmt in fmts:
+        q = np.empty((R, N // B, B), dtype=np.int64)
+        e = np.empty((R, N // B), dtype=np.int64)
+        oks = []
+        _split_rows(R, N, lambda r0, r1: oks.append(k.layernorm_blocks(
+            v2[r0:r1], eps[r0:r1], *consts, *affine, -cfg.ln_out_frac, fmt.qmax, fmt.e_min,
+            fmt.e_max, fmt.bits, q[r0:r1], e[r0:r1])))
+        _check_bound(oks, cfg)
+        out.append(BlockTensor(q.reshape(shape), e.reshape(shape[:-1] + (N // B,)), fmt))
+    return out
 
 
 def add_layernorm(x: BlockTensor, gamma: BlockTensor, beta: BlockTensor, cfg: Config) -> BlockTensor:
@@ -288,45 +299,66 @@ def add_layernorm(x: BlockTensor, gamma: BlockTensor, beta: BlockTensor, cfg: Co
     aligned by add's kernel into a row buffer (no full-size aligned copy). A single aligned
     term is at most ``qmax << G <= Config.add_bound``, so LayerNorm's bound holds (the unfused
     path is taken otherwise). The same integers, the same errors."""
-    from bct.model.matmul import _add_kernel, _add_operands, _add_scale, add
+    from bct.model.matmul import _add_scale, add
 
-    fmt = cfg.act_format
-    B = cfg.block_size
     scale = _add_scale((x,), cfg)
-    N = x.shape[-1] if x.mant.ndim else 0
-    if (x.mant.ndim == 0 or x.exp.shape[-1] == 0 or N % B or fmt.block != B
-            or gamma.fmt.block != B or (x.fmt.qmax << cfg.acc_guard_bits) > cfg.add_bound):
+    if (x.fmt.qmax << cfg.acc_guard_bits) > cfg.add_bound:
         return layernorm(add(x, cfg=cfg), gamma, beta, cfg)
+    return aligned_layernorm(x, scale, gamma, beta, cfg, (cfg.act_format,))[0]
+
+
+def aligned_layernorm(x: BlockTensor, scale: np.ndarray, gamma: BlockTensor, beta: BlockTensor,
+                      cfg: Config, fmts: tuple) -> list:
+    """``layernorm(Fixed(round_shift(x.blocks, scale - x.exp), scale))`` re-encoded to each of
+    ``fmts`` (block size ``cfg.block_size``): the row's alignment fused into the compiled
+    LayerNorm pass, one pass per format. ``scale`` (one per row) must keep every aligned
+    element within ``Config.add_bound`` (the callers' rules do: :func:`add_layernorm`, and
+    :func:`bct.model.integer.residual_add` on the wide path). The same integers as the
+    unfused definition."""
+    from bct.model.fixed import round_shift
+    from bct.model.matmul import _add_kernel, _add_operands
+
+    B = cfg.block_size
+    N = x.shape[-1] if x.mant.ndim else 0
+    scale = np.asarray(scale, dtype=np.int64)
+    if (x.mant.ndim == 0 or x.exp.shape[-1] == 0 or N % B or x.fmt.block != B
+            or gamma.fmt.block != B or any(f.block != B for f in fmts)):
+        v = round_shift(x.blocks, scale[..., None, None] - x.exp[..., None]).reshape(x.shape)
+        return _layernorm_to(Fixed(v, scale), gamma, beta, cfg, tuple(fmts))
     for name, p in (("gamma", gamma), ("beta", beta)):
         if p.shape != (N,) or p.fmt != cfg.vector_format:
             raise ValueError(f"LayerNorm {name} must be a ({N},) tensor in the vector format")
     eps, consts = _layernorm_eps(scale, x.shape, cfg)
     affine = _affine_operands(gamma, beta, cfg)
     R, _, sc, ((m, e_in),) = _add_operands((x,), scale)
-    q = np.empty((R, N // B, B), dtype=np.int64)
-    e = np.empty((R, N // B), dtype=np.int64)
     _add_kernel()  # (its kernel is compiled into this one)
     k = _kernels()
-    _split_rows(R, N, lambda r0, r1: k.layernorm_aligned(
-        m[r0:r1], e_in[r0:r1], sc[r0:r1], eps[r0:r1], *consts[1:], *affine, -cfg.ln_out_frac,
-        fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits, q[r0:r1], e[r0:r1]))
-    return BlockTensor(q.reshape(x.shape), e.reshape(x.shape[:-1] + (N // B,)), fmt)
+    out = []
+    for fmt in fmts:
+        q = np.empty((R, N // B, B), dtype=np.int64)
+        e = np.empty((R, N // B), dtype=np.int64)
+        _split_rows(R, N, lambda r0, r1: k.layernorm_aligned(
+            m[r0:r1], e_in[r0:r1], sc[r0:r1], eps[r0:r1], *consts[1:], *affine, -cfg.ln_out_frac,
+            fmt.qmax, fmt.e_min, fmt.e_max, fmt.bits, q[r0:r1], e[r0:r1]))
+        out.append(BlockTensor(q.reshape(x.shape), e.reshape(x.shape[:-1] + (N // B,)), fmt))
+    return out
 
 
 def layernorm_wide(x: Fixed, gamma: BlockTensor, beta: BlockTensor,
                    cfg: Config) -> tuple[BlockTensor, BlockTensor]:
     """LayerNorm for the wide residual path (``cfg.residual_bits``): the one fixed-point output
     re-encoded twice, to the activation format (the next matmuls' operand, equal to
-    :func:`layernorm`) and to ``cfg.residual_format`` (the residual stream's copy).
+    :func:`layernorm`) and to ``cfg.residual_format`` (the residual stream's copy), by the
+    fused compiled pass of :func:`layernorm` once per format (the same integers as
+    ``requantize`` of ``_layernorm_out``, tested).
 
     Returns
     -------
     tuple of BlockTensor
         ``(activation copy, residual copy)``.
     """
-    y = _layernorm_out(x, gamma, beta, cfg)
-    return (requantize(y, -cfg.ln_out_frac, cfg.act_format),
-            requantize(y, -cfg.ln_out_frac, cfg.residual_format))
+    a, r = _layernorm_to(x, gamma, beta, cfg, (cfg.act_format, cfg.residual_format))
+    return a, r
 
 
 

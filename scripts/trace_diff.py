@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bct.config import PRESETS
+
 #: Configs traced (name -> Config fields).
 CONFIGS = {
     "default": {},
@@ -33,6 +35,7 @@ CONFIGS = {
                    weight_exp_search="mse"),
     "wide_b8": dict(block_size=8, weight_block_size=8, vector_bits=16, ln_out_frac=12,
                     gelu_frac=12, residual_bits=16, gelu_direct=True),
+    "w8-wide": PRESETS["w8-wide"],  # the wide path at block 32 with hidden_perm
 }
 
 

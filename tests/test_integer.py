@@ -212,6 +212,45 @@ def test_residual_add():
         integer.residual_add(a, a, a, cfg=cfg)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cfg", [Config(residual_bits=16, vector_bits=16, ln_out_frac=12),
+                                 Config(residual_bits=12, block_size=8)])
+def test_fused_residual_passes_equal_their_definitions(cfg, threads, monkeypatch):
+    """The forward pass's fused wide-path steps == the definitions: aligned_requantize at
+    residual_add's scale == requantize(*residual_add(...)); aligned_layernorm at its scale ==
+    layernorm_wide(residual_add(x)) (both copies); mixed-format terms, outlier rows, rows split
+    among threads."""
+    from bct.model import matmul as matmul_module
+    from bct.model import nonlinear
+    from bct.model.blocks import requantize
+    from bct.model.matmul import aligned_requantize
+    from bct.model.nonlinear import aligned_layernorm, layernorm_wide
+
+    rng = np.random.default_rng(threads)
+    N = 12 * cfg.block_size
+    a = encode(rng.standard_normal((5, 7, N)) * np.exp(rng.uniform(-6, 6, (5, 7, 1))), cfg.act_format)
+    x = rng.standard_normal((5, 7, N))
+    x[:, :, 3] *= 300  # an outlier feature
+    r = encode(x, cfg.residual_format)
+    g = encode(rng.uniform(-3, 3, N), cfg.vector_format)
+    b = encode(rng.standard_normal(N), cfg.vector_format)
+    monkeypatch.setattr(nonlinear, "_PAR_MIN", 64)
+    monkeypatch.setattr(matmul_module, "_PAR_MIN", 64)
+    before = matmul_module._THREADS
+    try:
+        matmul_module.set_threads(threads)
+        for terms in ((a, r), (r, a), (r, r), (a, a)):
+            want = requantize(*integer.residual_add(*terms, cfg=cfg), cfg.residual_format)
+            assert aligned_requantize(terms, integer._residual_scale(terms, cfg), cfg.residual_format) == want
+        for t in (a, r):
+            want = layernorm_wide(integer.residual_add(t, cfg=cfg), g, b, cfg)
+            got = aligned_layernorm(t, integer._residual_scale((t,), cfg), g, b, cfg,
+                                    (cfg.act_format, cfg.residual_format))
+            assert tuple(got) == want
+    finally:
+        matmul_module.set_threads(before)
+
+
 def test_gelu_direct_reads_the_ffn1_accumulator(w8):
     weights, enc, qm, out = w8
     direct = integer.forward(integer.quantize(weights, Config(gelu_direct=True)), enc, trace=True)

@@ -345,7 +345,8 @@ def test_compiled_layernorm_equals_numpy(cfg):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_layernorm_equals_the_three_numpy_passes(cfg, threads, monkeypatch):
     """layernorm (one fused compiled pass per row) == requantize_numpy of
-    layernorm_affine_numpy of layernorm_fixed_numpy: constant rows, an outlier at the bound,
+    layernorm_affine_numpy of layernorm_fixed_numpy (and layernorm_wide's two copies, on the
+    wide config): constant rows, an outlier at the bound,
     tiny rows, per-row and shared scales, saturating gamma and beta, batched shapes, rows split
     among threads; the same errors (bound, gamma shape) as the unfused path."""
     from bct.model import matmul as matmul_module
@@ -370,9 +371,12 @@ def test_fused_layernorm_equals_the_three_numpy_passes(cfg, threads, monkeypatch
         matmul_module.set_threads(threads)
         for x in (Fixed(v, scales), Fixed(v, np.int64(-12)), Fixed(v[0, 3], np.int64(-20))):
             for g, b in ((gamma, beta), (big, big)):
-                want = requantize_numpy(layernorm_affine_numpy(layernorm_fixed_numpy(x, cfg), g, b, cfg),
-                                        -cfg.ln_out_frac, cfg.act_format)
+                y = layernorm_affine_numpy(layernorm_fixed_numpy(x, cfg), g, b, cfg)
+                want = requantize_numpy(y, -cfg.ln_out_frac, cfg.act_format)
                 assert layernorm(x, g, b, cfg) == want
+                if cfg.residual_bits is not None:  # the wide path: one pass per format
+                    assert layernorm_wide(x, g, b, cfg) == (
+                        want, requantize_numpy(y, -cfg.ln_out_frac, cfg.residual_format))
         with pytest.raises(ValueError, match="exceeds the config's bound"):
             layernorm(Fixed(np.full((4, N), -cfg.add_bound - 1), np.zeros(4)), gamma, beta, cfg)
         with pytest.raises(ValueError, match=r"LayerNorm beta must be a"):
