@@ -127,8 +127,9 @@ def stage_breakdown(qm, encs) -> dict:
     """Wall seconds per kernel called by :func:`bct.model.integer.forward` (one pass)."""
     from bct.model import integer
 
-    names = ["linear", "matmul", "add", "add_requantize", "requantize", "reblock_transposed",
-             "softmax", "gelu", "gelu_acc", "layernorm", "add_layernorm", "round_shift", "round_div",
+    names = ["linear", "matmul", "add", "add_requantize", "aligned_requantize", "requantize",
+             "reblock_transposed", "softmax", "gelu", "gelu_acc", "layernorm", "add_layernorm",
+             "aligned_layernorm", "_residual_scale", "round_shift", "round_div",
              "to_fixed", "encode", "tanh_fixed", "mean_pool"]
     acc = {n: 0.0 for n in names}
     saved = {}
