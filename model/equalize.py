@@ -50,7 +50,8 @@ from bct.config import Config, WEIGHT_EQUALIZE_TRANSFORMS, BlockFormat
 from bct.model.blocks import encode
 from bct.model.checkpoint import BertWeights, LayerWeights
 
-__all__ = ["SCALE_STEPS", "equalize", "hidden_order", "hidden_permutation", "qk_scales", "ffn_permutation"]
+__all__ = ["SCALE_STEPS", "equalize", "hidden_order", "hidden_permutation", "permute_hidden", "qk_scales",
+           "ffn_permutation"]
 
 #: Candidate channel factors ``2**(i / SCALE_STEPS)``, ``i = 0 .. SCALE_STEPS - 1``.
 SCALE_STEPS = 32
@@ -114,7 +115,9 @@ def hidden_order(weights: BertWeights, cfg: Config) -> np.ndarray | None:
     return hidden_permutation(weights)
 
 
-def _permute_hidden(w: BertWeights, p: np.ndarray) -> BertWeights:
+def permute_hidden(w: BertWeights, p: np.ndarray) -> BertWeights:
+    """The same network with checkpoint hidden channel ``p[j]`` at position ``j`` (the
+    ``hidden_perm`` rewrite for any order ``p``; pooler output and classifier unchanged)."""
     layers = tuple(
         dataclasses.replace(
             lw, q_w=_ro(lw.q_w[p]), k_w=_ro(lw.k_w[p]), v_w=_ro(lw.v_w[p]), o_w=_ro(lw.o_w[:, p]),
@@ -168,7 +171,7 @@ def equalize(weights: BertWeights, cfg: Config) -> BertWeights:
     assert all(n in WEIGHT_EQUALIZE_TRANSFORMS for n in names)  # validated by Config
     fmt, search = cfg.weight_format, cfg.weight_exp_search
     if "hidden_perm" in names:
-        weights = _permute_hidden(weights, hidden_permutation(weights))
+        weights = permute_hidden(weights, hidden_permutation(weights))
     layers = []
     for lw in weights.encoder:
         new = {}

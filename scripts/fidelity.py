@@ -28,7 +28,8 @@ of ``bct.model.integer.residual_add``, and feeds the matmuls the activation-form
 ``--perm data|weights`` permutes the hidden channels of every weight, table and LayerNorm
 vector before quantising (exact in float; outlier channels then share blocks): by the largest
 normalised |value| over the residual / LayerNorm stages of 64 STS-B *train* sentences, or by
-LayerNorm |gamma| + |beta| (data-free). The cosine is taken against the reference of the same
+LayerNorm |gamma| + |beta| (data-free: ``bct.model.equalize.hidden_permutation``, the order of
+``--set weight_equalize=hidden_perm``, which the integer model also un-permutes). The cosine is taken against the reference of the same
 permuted network (cosine is permutation invariant).
 
 Sentences: ``--sentences N`` drawn without replacement (``--seed``) from both sentence columns
@@ -56,6 +57,7 @@ from bct.config import Config  # noqa: E402
 from bct.model import integer, reference  # noqa: E402
 from bct.model.blocks import encode  # noqa: E402
 from bct.model.checkpoint import BertWeights, Encoding, load_bert, load_tokenizer  # noqa: E402
+from bct.model.equalize import hidden_permutation, permute_hidden  # noqa: E402
 from bct.model.glue import load_task  # noqa: E402
 from bct.model.nonlinear import gelu_fixed, softmax_fixed  # noqa: E402
 
@@ -98,22 +100,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------
 # Hidden-channel permutation (exact in float)
-def permute_hidden(w: BertWeights, perm: np.ndarray) -> BertWeights:
-    """The same network with hidden channel ``perm[j]`` moved to position ``j``."""
-    from dataclasses import replace
-
-    layers = tuple(
-        replace(lw, q_w=lw.q_w[perm], k_w=lw.k_w[perm], v_w=lw.v_w[perm], o_w=lw.o_w[:, perm],
-                o_b=lw.o_b[perm], attn_ln_g=lw.attn_ln_g[perm], attn_ln_b=lw.attn_ln_b[perm],
-                ffn1_w=lw.ffn1_w[perm], ffn2_w=lw.ffn2_w[:, perm], ffn2_b=lw.ffn2_b[perm],
-                out_ln_g=lw.out_ln_g[perm], out_ln_b=lw.out_ln_b[perm])
-        for lw in w.encoder
-    )
-    return replace(w, word_emb=w.word_emb[:, perm], pos_emb=w.pos_emb[:, perm],
-                   type_emb=w.type_emb[:, perm], emb_ln_g=w.emb_ln_g[perm], emb_ln_b=w.emb_ln_b[perm],
-                   encoder=layers)
-
-
 def perm_from_data(w: BertWeights, encs) -> np.ndarray:
     """Channels by decreasing largest |value| over the residual / LayerNorm stages (float)."""
     score = np.zeros(w.hidden)
@@ -124,14 +110,6 @@ def perm_from_data(w: BertWeights, encs) -> np.ndarray:
             if x.ndim == 3 and x.shape[-1] == w.hidden and name.endswith(("ln", "res", "out", "sum")):
                 a = np.abs(x[m])
                 score = np.maximum(score, a.max(0) / np.sqrt((a * a).mean()))
-    return np.argsort(-score, kind="stable")
-
-
-def perm_from_weights(w: BertWeights) -> np.ndarray:
-    """Channels by decreasing largest |gamma| + |beta| over the LayerNorms (data-free)."""
-    ln = [(w.emb_ln_g, w.emb_ln_b)] + [(l.attn_ln_g, l.attn_ln_b) for l in w.encoder] + [
-        (l.out_ln_g, l.out_ln_b) for l in w.encoder]
-    score = np.max([np.abs(g) + np.abs(b) for g, b in ln], axis=0)
     return np.argsort(-score, kind="stable")
 
 
@@ -395,7 +373,7 @@ def main() -> None:
         if args.perm == "data":
             perm = perm_from_data(weights, batches(tok, sentences(64, args.seed, "train"), args.max_len, 32))
         else:
-            perm = perm_from_weights(weights)
+            perm = hidden_permutation(weights)  # = --set weight_equalize=hidden_perm
         weights = permute_hidden(weights, perm)
     if args.mode == "integer":
         res = run_integer(cfg, weights, encs, args.stages)
