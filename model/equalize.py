@@ -170,8 +170,9 @@ def equalize(weights: BertWeights, cfg: Config) -> BertWeights:
     names = cfg.weight_equalize.split("+")
     assert all(n in WEIGHT_EQUALIZE_TRANSFORMS for n in names)  # validated by Config
     fmt, search = cfg.weight_format, cfg.weight_exp_search
-    if "hidden_perm" in names:
-        weights = permute_hidden(weights, hidden_permutation(weights))
+    order = hidden_order(weights, cfg)
+    if order is not None:
+        weights = permute_hidden(weights, order)
     layers = []
     for lw in weights.encoder:
         new = {}

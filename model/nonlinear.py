@@ -357,8 +357,7 @@ def layernorm_wide(x: Fixed, gamma: BlockTensor, beta: BlockTensor,
     tuple of BlockTensor
         ``(activation copy, residual copy)``.
     """
-    a, r = _layernorm_to(x, gamma, beta, cfg, (cfg.act_format, cfg.residual_format))
-    return a, r
+    return tuple(_layernorm_to(x, gamma, beta, cfg, (cfg.act_format, cfg.residual_format)))
 
 
 
